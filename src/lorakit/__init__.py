@@ -1,0 +1,33 @@
+"""lorakit: LoRA (Hu et al. 2021, arXiv 2106.09685) for PyTorch.
+
+A drop-in replacement for Microsoft's ``loralib`` (``import lorakit as lora``) that also injects
+LoRA into any model, merges exactly, and reads and writes Hugging Face PEFT adapters::
+
+    import lorakit
+    model = lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, targets=["query", "value"]))
+    ...train...
+    lorakit.save_adapter(model, "my-adapter")     # peft.PeftModel.from_pretrained can load it
+"""
+
+from . import errors, functional
+from .config import LoraConfig
+from .errors import (AdapterFormatError, AdapterMismatchError, AdapterNotFoundError, AlreadyInjectedError,
+                     LoraConfigError, LoraError, TargetNotFoundError, UnsupportedModuleError)
+from .formats import load_adapter, load_loralib_checkpoint, read_adapter, save_adapter
+from .inject import Plan, inject, lora_layers, plan, register_layer, unwrap
+from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoraConv1d, LoraConv2d, LoraConv3d,
+                     LoraLayer, MergedLinear)
+from .merge import merge, merge_and_unload, unmerge
+from .state import ParamCount, lora_state_dict, mark_only_lora_as_trainable, trainable_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFormatError", "AdapterMismatchError", "AdapterNotFoundError", "AlreadyInjectedError",
+    "Conv1d", "Conv2d", "Conv3d", "ConvLoRA", "Embedding", "Linear", "LoraConfig", "LoraConfigError",
+    "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraError", "LoraLayer", "MergedLinear", "ParamCount", "Plan",
+    "TargetNotFoundError", "UnsupportedModuleError", "errors", "functional", "inject", "load_adapter",
+    "load_loralib_checkpoint", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "merge",
+    "merge_and_unload", "plan", "read_adapter", "register_layer", "save_adapter", "trainable_parameters",
+    "unmerge", "unwrap",
+]

@@ -1,0 +1,39 @@
+"""Typed errors. Every lorakit failure raises a subclass of :class:`LoraError`.
+
+Each message names the module, key or file at fault and says what would be valid. A call that
+raises leaves the model and the files on disk as they were.
+"""
+
+from __future__ import annotations
+
+
+class LoraError(Exception):
+    """Base class of every lorakit error."""
+
+
+class LoraConfigError(LoraError, ValueError):
+    """A configuration value is invalid (rank, alpha, dropout, bias mode, unknown field...)."""
+
+
+class TargetNotFoundError(LoraError, LookupError):
+    """A target pattern matched no module of the model."""
+
+
+class UnsupportedModuleError(LoraError, TypeError):
+    """A matched module has a type lorakit cannot adapt."""
+
+
+class AlreadyInjectedError(LoraError, ValueError):
+    """LoRA was asked to wrap a module that is already a LoRA layer."""
+
+
+class AdapterFormatError(LoraError, ValueError):
+    """An adapter file is missing pieces, truncated, corrupt or of an unknown format."""
+
+
+class AdapterMismatchError(LoraError, ValueError):
+    """An adapter does not fit the model: shapes, ranks, dtypes or module coverage differ."""
+
+
+class AdapterNotFoundError(LoraError, FileNotFoundError):
+    """An adapter path does not exist."""

@@ -1,0 +1,397 @@
+"""Adapters on disk: PEFT's layout both ways, loralib ``.pt`` checkpoints, atomic writes.
+
+A saved adapter is a directory with ``adapter_config.json`` (PEFT's fields) and
+``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` (r, in) and
+``.lora_B.weight`` (out, r); ``lora_embedding_A/B`` for embeddings), which
+``peft.PeftModel.from_pretrained`` loads. lorakit's own config rides along in the safetensors
+metadata so that a round trip keeps what PEFT cannot express (fused q/k/v slices).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import LoraConfig
+from .errors import (AdapterFormatError, AdapterMismatchError, AdapterNotFoundError, LoraConfigError,
+                     LoraError, TargetNotFoundError)
+from .inject import _set_module, apply_trainable, factory_for, lora_layers, resolve
+from .layers import ConvLoRA, Embedding, LoraLayer, MergedLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_REQUIRED = ("r", "lora_alpha", "target_modules")
+
+
+# --- layer <-> PEFT tensors -------------------------------------------------------------------
+def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
+    """A layer's adapter in PEFT's key suffixes and shapes."""
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    if isinstance(layer, Embedding):
+        return {"lora_embedding_A": A, "lora_embedding_B": B}
+    if isinstance(layer, ConvLoRA):
+        raise AdapterFormatError(f"{type(layer).__name__}: loralib's convolution layout has no PEFT "
+                                 "equivalent; save it with lorakit.lora_state_dict instead")
+    if isinstance(layer, MergedLinear):
+        A, B = _fused_to_dense(layer)
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        if layer.groups != 1:
+            raise AdapterFormatError("PEFT's format has no grouped-convolution LoRA; use lora_state_dict")
+        w = layer.weight
+        A = A.view(A.shape[0], *w.shape[1:])  # (r, in, *k)
+        B = B.view(*B.shape, *([1] * (w.dim() - 2)))  # (out, r, 1, ...)
+    return {"lora_A.weight": A, "lora_B.weight": B}
+
+
+def _fused_to_dense(layer: MergedLinear) -> tuple[Tensor, Tensor]:
+    """Write the fused slices as one rank r*k pair with a block-structured, zero-padded B."""
+    k, n, r = sum(layer.enable_lora), len(layer.enable_lora), layer.r
+    rows = layer.out_features // n
+    B = layer.lora_B.detach().new_zeros((layer.out_features, r * k))
+    for j, slice_idx in enumerate(i for i, e in enumerate(layer.enable_lora) if e):
+        B[slice_idx * rows:(slice_idx + 1) * rows, j * r:(j + 1) * r] = layer.lora_B[j * rows:(j + 1) * rows]
+    return layer.lora_A.detach(), B
+
+
+def _dense_to_fused(layer: MergedLinear, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    k, n, r = sum(layer.enable_lora), len(layer.enable_lora), layer.r
+    rows = layer.out_features // n
+    parts = [B[s * rows:(s + 1) * rows, j * r:(j + 1) * r]
+             for j, s in enumerate(i for i, e in enumerate(layer.enable_lora) if e)]
+    return A, torch.cat(parts, 0)
+
+
+def _to_layer_layout(layer: LoraLayer, key: str, t: Tensor) -> Tensor:
+    """Inverse of :func:`peft_tensors` for one tensor (reshape conv kernels)."""
+    target = layer.lora_A if key.endswith("A") or key.endswith("A.weight") else layer.lora_B
+    return t.reshape(target.shape) if t.numel() == target.numel() else t
+
+
+# --- save -----------------------------------------------------------------------------------------
+def adapter_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and PEFT config fields that :func:`save_adapter` writes."""
+    tensors: dict[str, Tensor] = {}
+    ranks, alphas, names, fifo = {}, {}, [], False
+    for name, layer in lora_layers(model):
+        if not layer.has_lora:
+            continue
+        names.append(name)
+        fifo = fifo or bool(getattr(layer, "fan_in_fan_out", False))
+        for suffix, t in peft_tensors(layer).items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = t.contiguous()
+        r_file = tensors[f"{PREFIX}{name}.{'lora_embedding_A' if isinstance(layer, Embedding) else 'lora_A.weight'}"].shape[0]
+        alpha = layer.lora_alpha * (r_file / layer.r if not layer.use_rslora else math.sqrt(r_file / layer.r))
+        if r_file != config.r:
+            ranks[name] = r_file
+        if alpha != config.alpha:
+            alphas[name] = alpha
+        if config.bias == "lora_only" and layer._bias_param() is not None:
+            tensors[f"{PREFIX}{name}.base_layer.bias"] = layer._bias_param().detach()
+    if not names:
+        raise LoraError("the model has no LoRA layers to save; call lorakit.inject(model, config) first")
+    sd = model.state_dict()
+    if config.bias == "all":
+        for k, v in sd.items():
+            if k.endswith("bias"):
+                mod = k.rpartition(".")[0]
+                key = f"{PREFIX}{mod}.base_layer.bias" if mod in names else PREFIX + k
+                tensors[key] = v
+    modules = [n for n, _ in model.named_modules() if n]
+    for t in config.trainable:
+        for mod in (n for n in modules if n == t or n.endswith("." + t)):
+            for k, v in sd.items():
+                if k.startswith(mod + ".") and "lora_" not in k:
+                    tensors[PREFIX + k] = v
+    peft = config.to_peft_dict(fan_in_fan_out=fifo, ranks=ranks)
+    peft["target_modules"] = names  # explicit names: PEFT then adapts exactly what we did
+    peft["exclude_modules"] = None
+    peft["alpha_pattern"] = alphas
+    return tensors, peft
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoraConfig | None = None,
+                 base_model_name: str | None = None) -> Path:
+    """Write the model's adapter as a PEFT directory, atomically (a crash leaves the old one intact)."""
+    config = config or _model_config(model)
+    tensors, peft = adapter_state(model, config)
+    peft["base_model_name_or_path"] = base_model_name
+    meta = {"format": "pt", "lorakit_config": config.to_json()}
+    path = Path(path)
+    files = {
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(peft, indent=2, sort_keys=True)),
+        WEIGHTS_NAME: lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(p), meta),
+    }
+    atomic_write_dir(path, files)
+    return path
+
+
+def atomic_write_dir(path: Path, files: Mapping[str, Any]) -> None:
+    """Write ``files`` ({name: writer(path)}) into a temporary sibling directory, fsync, then swap it in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_file(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then fsync and rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _model_config(model: nn.Module) -> LoraConfig:
+    configs = getattr(model, "_lorakit_configs", None)
+    if configs and "default" in configs:
+        return configs["default"]
+    layers = [(n, l) for n, l in lora_layers(model) if l.has_lora]
+    if not layers:
+        raise LoraError("the model has no LoRA layers to save; call lorakit.inject(model, config) first")
+    _, first = layers[0]
+    return LoraConfig(r=first.r, alpha=first.lora_alpha, targets=tuple(n for n, _ in layers))
+
+
+# --- read -----------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Read and validate an adapter directory: its config and tensors (PEFT keys)."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterNotFoundError(f"adapter path {str(path)!r} does not exist")
+    if path.is_file():
+        raise AdapterFormatError(f"{path}: expected an adapter directory holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+                                 " (for a loralib .pt checkpoint use load_loralib_checkpoint)")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterFormatError(f"{path}: no {CONFIG_NAME}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{cfg_path}: expected a JSON object of PEFT LoraConfig fields")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise AdapterFormatError(f"{cfg_path}: missing required field(s) {missing}")
+    tensors, meta = _read_tensors(path)
+    try:
+        config = LoraConfig.from_dict(raw)
+        if meta.get("lorakit_config"):
+            config = LoraConfig.from_json(meta["lorakit_config"])
+    except LoraConfigError as e:
+        raise AdapterFormatError(f"{cfg_path}: {e}") from None
+    return config, tensors
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    st = path / WEIGHTS_NAME
+    if st.is_file():
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterFormatError(f"{st}: truncated or corrupt safetensors file ({e})") from None
+    binf = path / "adapter_model.bin"
+    if binf.is_file():
+        try:
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a format error
+            raise AdapterFormatError(f"{binf}: not a tensors-only checkpoint ({e})") from None
+        return dict(sd), {}
+    raise AdapterFormatError(f"{path}: no {WEIGHTS_NAME} (or adapter_model.bin) next to {CONFIG_NAME}")
+
+
+# --- load -----------------------------------------------------------------------------------------
+_LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    k = k.replace(".base_layer.", ".")
+    for s in _LORA_SUFFIXES:
+        for adapter_suffix in ("", ".default"):
+            full = s.replace(".weight", adapter_suffix + ".weight") if s.endswith(".weight") else s + adapter_suffix
+            if k.endswith("." + full):
+                return k[: -len(full) - 1], s
+    return k, ""
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT or lorakit adapter directory into ``model``, injecting LoRA as needed.
+
+    Everything is validated (modules exist, shapes and ranks fit, no unexpected keys) before the
+    model is touched; every problem is reported at once.
+    """
+    config, tensors = read_adapter(path)
+    per_module: dict[str, dict[str, Tensor]] = {}
+    extras: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        mod, kind = _split_key(key)
+        if kind:
+            per_module.setdefault(mod, {})[kind] = t
+        else:
+            extras[mod] = t
+    if not per_module:
+        raise AdapterFormatError(f"{path}: holds no LoRA tensors (keys like {PREFIX}<module>.lora_A.weight)")
+    existing = dict(lora_layers(model))
+    new_layers: dict[str, LoraLayer] = {}
+    problems: list[str] = []
+    to_inject = [m for m in per_module if m not in existing]
+    if to_inject:
+        ranks = {}
+        for m in to_inject:
+            a = per_module[m].get("lora_A.weight", per_module[m].get("lora_embedding_A"))
+            if a is None:
+                problems.append(f"{m}: has lora_B but no lora_A")
+                continue
+            ranks[m] = a.shape[0] // max(1, sum(config.fused_for(m) or (True,)))
+        specs = LoraConfig(
+            r=config.r, alpha=config.alpha, dropout=config.dropout, targets=tuple(ranks), bias=config.bias,
+            trainable=config.trainable, rank_pattern={rf"{_escape(m)}": r for m, r in ranks.items()},
+            alpha_pattern={_escape(m): config.alpha_for(m) for m in ranks}, use_rslora=config.use_rslora,
+            init=config.init, fused={_escape(m): v for m, v in config.fused.items() if _any_match(m, ranks)})
+        try:
+            matches = resolve(model, specs) if ranks else []
+        except (TargetNotFoundError, LoraConfigError) as e:
+            raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
+        for mt in matches:
+            if mt.name in ranks:
+                new_layers[mt.name] = factory_for(mt.module)(mt.module, mt.spec)
+    layers = {**{m: existing[m] for m in per_module if m in existing}, **new_layers}
+    for m, ts in per_module.items():
+        layer = layers.get(m)
+        if layer is None:
+            if not any(p.startswith(m) for p in problems):
+                problems.append(f"{m}: no such module in the model")
+            continue
+        want = peft_tensors(layer)
+        for kind, t in ts.items():
+            if kind not in want:
+                problems.append(f"{m}.{kind}: unexpected for a {type(layer).__name__} (expects {sorted(want)})")
+            elif tuple(t.shape) != tuple(want[kind].shape):
+                problems.append(f"{m}.{kind}: shape {tuple(t.shape)} in the file, the model needs {tuple(want[kind].shape)}")
+            elif not t.is_floating_point():
+                problems.append(f"{m}.{kind}: dtype {t.dtype} is not a floating-point type")
+        for kind in want:
+            if kind not in ts:
+                problems.append(f"{m}.{kind}: missing from the file")
+    sd_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, t in extras.items():
+        if k not in sd_shapes:
+            problems.append(f"{k}: unexpected key, the model has no such parameter")
+        elif tuple(t.shape) != sd_shapes[k]:
+            problems.append(f"{k}: shape {tuple(t.shape)} in the file, the model has {sd_shapes[k]}")
+    if problems:
+        raise AdapterMismatchError(f"{path}: adapter does not fit the model:\n  " + "\n  ".join(problems))
+    # --- all checks passed: now change the model -------------------------------------------------
+    if new_layers:
+        if not hasattr(model, "_lorakit_requires_grad"):
+            model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for name, layer in new_layers.items():
+            _set_module(model, name, layer)
+    with torch.no_grad():
+        for m, ts in per_module.items():
+            layer = layers[m]
+            was_merged = layer.merged
+            layer.unmerge()
+            a = ts.get("lora_A.weight", ts.get("lora_embedding_A"))
+            b = ts.get("lora_B.weight", ts.get("lora_embedding_B"))
+            if isinstance(layer, MergedLinear):
+                a, b = _dense_to_fused(layer, a, b)
+            layer.lora_A.copy_(_to_layer_layout(layer, "A", a))
+            layer.lora_B.copy_(_to_layer_layout(layer, "B", b))
+            if was_merged:
+                layer.merge()
+        if extras:
+            params = dict(model.named_parameters())
+            bufs = dict(model.named_buffers())
+            for k, t in extras.items():
+                (params.get(k) if k in params else bufs[k]).copy_(t)
+    configs = dict(getattr(model, "_lorakit_configs", {}))
+    configs.setdefault("default", config)
+    model._lorakit_configs = configs
+    if new_layers:
+        apply_trainable(model, config)
+    return model
+
+
+def _escape(name: str) -> str:
+    import re
+
+    return re.escape(name)
+
+
+def _any_match(pattern: str, names: Mapping[str, int]) -> bool:
+    return any(n == pattern or n.endswith("." + pattern) for n in names)
+
+
+# --- loralib checkpoints --------------------------------------------------------------------------
+def load_loralib_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load ``torch.save(loralib.lora_state_dict(model))`` safely (``weights_only=True``).
+
+    Keys must all exist in the model with the same shapes; nothing is changed otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise AdapterFormatError(f"{path}: not a tensors-only torch checkpoint ({e})") from None
+    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise AdapterFormatError(f"{path}: expected a state dict of tensors")
+    own = model.state_dict()
+    problems = [f"{k}: unexpected key" for k in sd if k not in own]
+    problems += [f"{k}: shape {tuple(v.shape)} in the file, the model has {tuple(own[k].shape)}"
+                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise AdapterMismatchError(f"{path}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(dict(sd), strict=False)
+    return model

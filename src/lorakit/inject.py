@@ -1,0 +1,323 @@
+"""Put LoRA into an existing model, in place: ``inject``, ``plan``, ``unwrap``.
+
+One path: match names -> ``factory(module, spec)`` from a registry ``{module type: factory}``
+-> ``setattr(parent, name, new)``. Wrapped layers share the original Parameters, so the model's
+state-dict keys do not move; LoRA only adds ``<module>.lora_A`` / ``<module>.lora_B``.
+
+    model = lorakit.inject(model, LoraConfig(r=8, alpha=16, targets=["query", "value"]))
+    print(lorakit.plan(model_copy, cfg))   # dry run: what would be adapted, and what it costs
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .errors import AlreadyInjectedError, TargetNotFoundError, UnsupportedModuleError
+from .layers import Embedding, LoraConv1d, LoraConv2d, LoraConv3d, LoraLayer, MergedLinear, is_conv1d_like
+from .layers import Linear as LoraLinear
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The resolved LoRA settings of one module."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    init: str
+    enable: tuple[bool, ...] | None = None  # fused projection slices
+
+
+Factory = Callable[[nn.Module, LayerSpec], LoraLayer]
+
+
+def _linear_factory(m: nn.Module, s: LayerSpec) -> LoraLayer:
+    if s.enable is not None:
+        return MergedLinear.from_module(m, s.r, s.alpha, s.dropout, enable_lora=s.enable,
+                                        use_rslora=s.use_rslora, init=s.init)
+    return LoraLinear.from_module(m, s.r, s.alpha, s.dropout, use_rslora=s.use_rslora, init=s.init)
+
+
+def _simple(cls: type) -> Factory:
+    def make(m: nn.Module, s: LayerSpec) -> LoraLayer:
+        if s.enable is not None:
+            raise UnsupportedModuleError(f"fused slices need a Linear-like module, not {type(m).__name__}")
+        return cls.from_module(m, s.r, s.alpha, s.dropout, use_rslora=s.use_rslora, init=s.init)
+    return make
+
+
+#: Module type -> LoRA factory. Extend with :func:`register_layer`.
+REGISTRY: dict[type, Factory] = {
+    nn.Linear: _linear_factory,
+    nn.Embedding: _simple(Embedding),
+    nn.Conv1d: _simple(LoraConv1d),
+    nn.Conv2d: _simple(LoraConv2d),
+    nn.Conv3d: _simple(LoraConv3d),
+}
+_CONV1D_NAME = "transformers Conv1D"
+
+
+def register_layer(module_type: type, factory: Factory) -> None:
+    """Teach :func:`inject` a new module type: ``factory(module, spec) -> LoraLayer``."""
+    REGISTRY[module_type] = factory
+
+
+def supported_types() -> list[str]:
+    return [t.__name__ for t in REGISTRY] + [_CONV1D_NAME]
+
+
+def factory_for(module: nn.Module) -> Factory | None:
+    if is_conv1d_like(module):
+        return _linear_factory
+    for t in type(module).__mro__:
+        if t in REGISTRY:
+            return REGISTRY[t]
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d_like(module)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every LoRA layer of ``model`` with its qualified name."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            yield name, m
+
+
+# --- matching ----------------------------------------------------------------------------------
+def name_matches(name: str, spec: str | tuple[str, ...]) -> bool:
+    """PEFT's rule: a string is a regex on the whole name; a list holds exact names or dotted suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _closest(names: list[str], target: str, n: int = 5) -> list[str]:
+    leaves = sorted({nm.rsplit(".", 1)[-1] for nm in names} | set(names))
+    return difflib.get_close_matches(target, leaves, n=n, cutoff=0.3)
+
+
+@dataclass
+class Match:
+    name: str
+    module: nn.Module
+    spec: LayerSpec
+
+
+def resolve(model: nn.Module, config: LoraConfig) -> list[Match]:
+    """The modules ``config`` adapts, with their settings. Validates; never touches the model."""
+    names = [n for n, _ in model.named_modules() if n]
+    trainable = _resolve_trainable(model, config, names)
+    head = _output_head(model)
+    skip: list[str] = []
+    found: list[Match] = []
+    hits: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(m, LoraLayer):
+            skip.append(name)
+        if name in trainable:
+            skip.append(name)
+            continue
+        if config.exclude and name_matches(name, config.exclude):
+            continue
+        if config.targets == ALL_LINEAR:
+            if not is_linear_like(m) or m is head or isinstance(m, LoraLayer):
+                continue
+        else:
+            if not name_matches(name, config.targets):
+                continue
+            if isinstance(config.targets, tuple):
+                for t in config.targets:
+                    if name == t or name.endswith("." + t):
+                        hits[t] = hits.get(t, 0) + 1
+        if isinstance(m, LoraLayer):
+            raise AlreadyInjectedError(f"module {name!r} already has LoRA; unwrap(model) first, or use "
+                                       "add_adapter for a second adapter")
+        if factory_for(m) is None:
+            raise UnsupportedModuleError(f"module {name!r} matches the targets but its type "
+                                         f"{type(m).__name__} is not supported; supported: {supported_types()}")
+        enable = config.fused_for(name)
+        if enable is not None and is_linear_like(m):
+            out = m.weight.shape[1] if is_conv1d_like(m) else m.weight.shape[0]
+            if out % len(enable):
+                from .errors import LoraConfigError
+                raise LoraConfigError(f"fused[{name!r}]: {len(enable)} slices do not divide out_features={out}")
+        spec = LayerSpec(config.rank_for(name), config.alpha_for(name), config.dropout, config.use_rslora,
+                         config.init, enable)
+        found.append(Match(name, m, spec))
+    _check_coverage(config, names, found, hits)
+    return found
+
+
+def _resolve_trainable(model: nn.Module, config: LoraConfig, names: list[str]) -> set[str]:
+    out = set()
+    for t in config.trainable:
+        got = [n for n in names if n == t or n.endswith("." + t)]
+        if not got:
+            raise TargetNotFoundError(f"trainable module {t!r} matches no module; closest: {_closest(names, t)}")
+        out.update(got)
+    return out
+
+
+def _check_coverage(config: LoraConfig, names: list[str], found: list[Match], hits: dict[str, int]) -> None:
+    if isinstance(config.targets, tuple):
+        missing = [t for t in config.targets if t not in hits]
+        if missing:
+            hints = {t: _closest(names, t) for t in missing}
+            raise TargetNotFoundError(f"target(s) {missing} match no module of the model; closest names: {hints}")
+    elif not found:
+        what = "no Linear-like layer" if config.targets == ALL_LINEAR else f"regex {config.targets!r} matches nothing"
+        raise TargetNotFoundError(f"{what} in the model; module names look like: {names[:8]}")
+
+
+# --- inject / unwrap ---------------------------------------------------------------------------
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Wrap every module ``config`` targets with a LoRA layer, in place; freeze the rest.
+
+    Trains: LoRA parameters, the modules in ``config.trainable``, and biases per ``config.bias``.
+    Raises before changing anything when a target matches nothing, a type is unsupported, or a
+    module already has LoRA.
+    """
+    matches = resolve(model, config)
+    if not hasattr(model, "_lorakit_requires_grad"):
+        model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for m in matches:
+        _set_module(model, m.name, factory_for(m.module)(m.module, m.spec))
+    configs = dict(getattr(model, "_lorakit_configs", {}))
+    configs["default"] = config
+    model._lorakit_configs = configs
+    apply_trainable(model, config)
+    return model
+
+
+def apply_trainable(model: nn.Module, config: LoraConfig) -> None:
+    """Freeze everything but LoRA parameters, ``config.trainable`` modules and biases per ``bias``."""
+    from .state import mark_only_lora_as_trainable
+
+    mark_only_lora_as_trainable(model, bias=config.bias)
+    names = [n for n, _ in model.named_modules() if n]
+    for t in _resolve_trainable(model, config, names):
+        for p in model.get_submodule(t).parameters():
+            p.requires_grad = True
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every LoRA layer, restoring the original modules (unmerged, bit-exact weights)."""
+    for name, layer in list(lora_layers(model)):
+        if not name:
+            raise UnsupportedModuleError("the model itself is a LoRA layer; call layer.to_plain() instead")
+        _set_module(model, name, layer.to_plain())
+    forget_injection(model)
+    return model
+
+
+def forget_injection(model: nn.Module) -> None:
+    """Restore the ``requires_grad`` flags recorded by :func:`inject` and drop its bookkeeping."""
+    flags = getattr(model, "_lorakit_requires_grad", None)
+    if flags is not None:
+        for n, p in model.named_parameters():
+            if n in flags:
+                p.requires_grad = flags[n]
+        del model._lorakit_requires_grad
+    if hasattr(model, "_lorakit_configs"):
+        del model._lorakit_configs
+
+
+# --- plan --------------------------------------------------------------------------------------
+@dataclass
+class PlanRow:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    r: int
+    alpha: float
+    params: int
+
+
+@dataclass
+class Plan:
+    """What :func:`inject` would do: matched modules, trainable share, extra training memory."""
+
+    rows: list[PlanRow] = field(default_factory=list)
+    lora_params: int = 0
+    other_trainable: int = 0
+    total_params: int = 0
+    extra_memory_bytes: int = 0
+
+    @property
+    def trainable(self) -> int:
+        return self.lora_params + self.other_trainable
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.rows] + [6])
+        lines = [f"{'module':<{w}}  {'type':<14} {'weight shape':<16} {'r':>4} {'alpha':>6} {'LoRA params':>12}"]
+        for r in self.rows:
+            lines.append(f"{r.name:<{w}}  {r.kind:<14} {str(tuple(r.shape)):<16} {r.r:>4} {r.alpha:>6g} {r.params:>12,}")
+        lines.append(f"{len(self.rows)} modules; trainable {self.trainable:,} of {self.total_params:,} "
+                     f"parameters ({100 * self.fraction:.3f}%); LoRA {self.lora_params:,}, other {self.other_trainable:,}")
+        lines.append(f"extra training memory (params + grads + AdamW states, fp32): "
+                     f"{self.extra_memory_bytes / 2**20:.2f} MiB")
+        return "\n".join(lines)
+
+
+def plan(model: nn.Module, config: LoraConfig) -> Plan:
+    """Dry run of :func:`inject`: same validation and errors, no change to the model."""
+    matches = resolve(model, config)
+    out = Plan(total_params=sum(p.numel() for p in model.parameters()))
+    for m in matches:
+        w = m.module.weight
+        if isinstance(m.module, nn.Embedding):
+            n = m.spec.r * (w.shape[0] + w.shape[1])
+        elif m.spec.enable is not None:
+            k, out_f = sum(m.spec.enable), (w.shape[1] if is_conv1d_like(m.module) else w.shape[0])
+            n = m.spec.r * k * w.numel() // out_f + out_f // len(m.spec.enable) * k * m.spec.r
+        elif is_conv1d_like(m.module):
+            n = m.spec.r * (w.shape[0] + w.shape[1])
+        else:
+            n = m.spec.r * (w.shape[0] + w[0].numel())
+        out.rows.append(PlanRow(m.name, type(m.module).__name__, tuple(w.shape), m.spec.r, m.spec.alpha, n))
+        out.lora_params += n
+    names = [n for n, _ in model.named_modules() if n]
+    seen: set[int] = set()
+    for t in _resolve_trainable(model, config, names):
+        for p in model.get_submodule(t).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.other_trainable += p.numel()
+    if config.bias != "none":
+        adapted = {m.name for m in matches}
+        for n, p in model.named_parameters():
+            mod = n.rpartition(".")[0]
+            if n.endswith("bias") and id(p) not in seen and (config.bias == "all" or mod in adapted):
+                out.other_trainable += p.numel()
+    out.extra_memory_bytes = out.trainable * 4 * 4  # param, grad, Adam m and v
+    return out
