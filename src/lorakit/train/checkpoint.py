@@ -1,0 +1,148 @@
+"""Atomic, resumable checkpoints: trainable weights, optimizer, scheduler, RNG states and position.
+
+Files are written to a temporary name in the same directory, fsync'ed, then renamed over the old
+one (and the directory fsync'ed), so a kill -9 at any moment leaves either the old or the new
+checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.train.errors import ResumeError
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+# Options that may change between a run and its resumption without changing its results.
+NON_RESULT_KEYS = frozenset(
+    {"resume", "overwrite", "progress", "output_dir", "eval_batch_size", "gen_max_mrs"}
+)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, then rename it onto ``path``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(p.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` with the atomic protocol."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_json(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write pretty JSON atomically."""
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True, default=str)), mode="w")
+
+
+def atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
+    """Build a directory under a temporary name with ``fill(tmp)``, then swap it into place."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    _fsync_dir(final.parent)
+
+
+def fingerprint(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Hash of the options that determine a run's results, and those options."""
+    keep = {k: v for k, v in sorted(config.items()) if k not in NON_RESULT_KEYS}
+    digest = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest, keep
+
+
+def check_resumable(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Raise :class:`ResumeError` naming the differing options if ``state`` came from another config."""
+    digest, keep = fingerprint(config)
+    if state.get("fingerprint") == digest:
+        return
+    old = state.get("config", {})
+    diffs = [
+        f"--{k.replace('_', '-')}: checkpoint {old.get(k)!r} vs now {keep.get(k)!r}"
+        for k in sorted(set(old) | set(keep))
+        if old.get(k) != keep.get(k)
+    ]
+    raise ResumeError(
+        f"cannot --resume from {path}: it was written by a different config ("
+        + ("; ".join(diffs) or "unknown difference")
+        + ")"
+    )
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file (CPU tensors)."""
+    if not path.is_file():
+        raise ResumeError(f"no checkpoint at {path}; start the run without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ResumeError(f"checkpoint {path} is unreadable: {exc}") from exc
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of every parameter with ``requires_grad``."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors back into the model (names must match exactly)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise ResumeError(f"checkpoint has parameters the model lacks: {missing[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and torch (CPU + CUDA) RNG states."""
+    out: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,371 @@
+"""Typed, self-validating configs of the CLI subcommands, and the flag / config-file machinery.
+
+Each config is a dataclass whose fields *are* the flags (``max_len`` <-> ``--max-len``) and the keys
+of a ``--config`` TOML/YAML file; precedence is defaults < file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lorakit.train.errors import TrainConfigError
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> Any:
+    """A config field: default, help text, optional choices and numeric bounds (checked by validate)."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """Field name -> command-line flag."""
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of an annotation such as ``int | None`` or ``list[str]``."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        inner = [a for a in args if a is not type(None)][0]
+        return inner, True
+    return tp, False
+
+
+class BaseConfig:
+    """Shared behaviour: argparse registration, file loading, coercion and validation."""
+
+    @classmethod
+    def hints(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Register one flag per field (default SUPPRESS, so only given flags reach the namespace)."""
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help="TOML (.toml) or YAML (.yaml/.yml) file whose keys are these flags' names "
+            "(dashes or underscores); flags given on the command line override it",
+        )
+        hints = cls.hints()
+        own = set(vars(cls).get("__annotations__", {}))
+        fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)  # type: ignore[arg-type]
+        for f in fields:
+            tp, _ = _base_type(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            text = f.metadata["help"] + (f" (default: {default})" if default not in (None, [], "") else "")
+            kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "dest": f.name}
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is list:
+                kw.update(nargs="+", metavar="X")
+            else:
+                kw["type"] = tp
+                if f.metadata["choices"]:
+                    kw["choices"] = f.metadata["choices"]
+            parser.add_argument(flag(f.name), **kw)
+
+    @classmethod
+    def from_sources(cls: type[C], args: argparse.Namespace) -> C:
+        """Build from defaults, then ``--config`` file, then explicit flags; validate the result."""
+        values: dict[str, Any] = {}
+        cfg_file = getattr(args, "config", None)
+        if cfg_file:
+            values.update(cls.read_file(cfg_file))
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values.update({k: v for k, v in vars(args).items() if k in names})
+        return cls.build(values)
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read a TOML/YAML config; unknown keys raise naming the key and the file."""
+        p = Path(path)
+        if not p.is_file():
+            raise TrainConfigError(f"--config: file not found: {p}")
+        try:
+            if p.suffix == ".toml":
+                import tomllib
+
+                raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            elif p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            elif p.suffix == ".json":
+                raw = json.loads(p.read_text(encoding="utf-8"))
+            else:
+                raise TrainConfigError(f"--config: {p} must end in .toml, .yaml, .yml or .json")
+        except TrainConfigError:
+            raise
+        except Exception as exc:
+            raise TrainConfigError(f"--config: cannot parse {p}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise TrainConfigError(f"--config: {p} must hold a table / mapping of flag names to values")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        out: dict[str, Any] = {}
+        for key, val in raw.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise TrainConfigError(f"{p}: unknown key {key!r}; valid keys: {', '.join(sorted(names))}")
+            out[name] = val
+        return out
+
+    @classmethod
+    def build(cls: type[C], values: dict[str, Any]) -> C:
+        """Coerce values to the field types and validate (errors name the flag)."""
+        hints = cls.hints()
+        kw = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+        obj = cls(**kw)
+        obj.validate()
+        return obj
+
+    def validate(self) -> None:
+        """Check choices and numeric bounds declared on the fields; subclasses add cross-field checks."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            val, m = getattr(self, f.name), f.metadata
+            if val is None:
+                continue
+            if m["choices"] and val not in m["choices"]:
+                raise TrainConfigError(f"{flag(f.name)}: {val!r} is not one of {', '.join(m['choices'])}")
+            if m["lo"] is not None and (val < m["lo"] or (m["lo_open"] and val == m["lo"])):
+                rel = ">" if m["lo_open"] else ">="
+                raise TrainConfigError(f"{flag(f.name)}: must be {rel} {m['lo']}, got {val}")
+            if m["hi"] is not None and val > m["hi"]:
+                raise TrainConfigError(f"{flag(f.name)}: must be <= {m['hi']}, got {val}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+def _coerce(name: str, val: Any, tp: Any) -> Any:
+    inner, optional = _base_type(tp)
+    if val is None:
+        if optional:
+            return None
+        raise TrainConfigError(f"{flag(name)}: a value is required")
+    try:
+        if inner is bool:
+            if isinstance(val, bool):
+                return val
+            if str(val).lower() in ("true", "1", "yes", "false", "0", "no"):
+                return str(val).lower() in ("true", "1", "yes")
+            raise ValueError
+        if typing.get_origin(inner) is list:
+            items = val.split(",") if isinstance(val, str) else list(val)
+            return [str(x).strip() for x in items if str(x).strip()]
+        if inner is int:
+            if isinstance(val, float) and not val.is_integer():
+                raise ValueError
+            return int(val)
+        if inner is float:
+            return float(val)
+        return str(val)
+    except (TypeError, ValueError):
+        tname = getattr(inner, "__name__", str(inner))
+        raise TrainConfigError(f"{flag(name)}: expected {tname}, got {val!r}") from None
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+METHODS = ("lora", "full", "head")
+
+
+@dataclass
+class DecodeOptions(BaseConfig):
+    """Beam-search options shared by train (E2E), eval and generate (the paper's E2E decoding)."""
+
+    num_beams: int = opt(4, "beam width for E2E decoding (paper: 10; 4 is cheaper)", lo=1)
+    length_penalty: float = opt(0.8, "beam-search length penalty")
+    no_repeat_ngram_size: int = opt(4, "forbid repeating n-grams of this size in generations (0 = off)", lo=0)
+    max_new_tokens: int = opt(64, "maximum generated tokens per input", lo=1)
+
+
+@dataclass
+class TrainConfig(DecodeOptions):
+    """Options of ``lorakit train``."""
+
+    task: str = opt("sst2", "task: sst2, mrpc, rte, cola, stsb (GLUE) or e2e (data-to-text)")
+    model: str = opt("minilm", "preset (minilm, smollm2) or a transformers model directory")
+    method: str = opt(
+        "lora", "lora = LoRA adapters + task head; full = all weights; head = task head only", choices=METHODS
+    )
+    output_dir: str | None = opt(None, "run directory (default: runs/<task>-<method>[-r<r>])")
+    overwrite: bool = opt(False, "allow starting a fresh run in a directory that already holds one")
+    resume: bool = opt(False, "continue the run in --output-dir from its last checkpoint (same config only)")
+    data_dir: str | None = opt(
+        None, "directory holding glue/ and e2e/ (default: $LORAKIT_DATA or ../shared/data)"
+    )
+    train_file: str | None = opt(None, "training file in the task's GLUE TSV layout, JSONL, or E2E format")
+    eval_file: str | None = opt(None, "evaluation file (same formats)")
+    max_train_examples: int | None = opt(
+        None, "use a seeded random subset of this many training examples", lo=1
+    )
+    max_eval_examples: int | None = opt(
+        None, "use a seeded random subset of this many eval examples / MRs", lo=1
+    )
+    e2e_dev_fraction: float = opt(
+        0.1,
+        "E2E: fraction of meaning representations held out when only one file is given",
+        lo=0.0,
+        hi=1.0,
+        lo_open=True,
+    )
+    r: int = opt(8, "LoRA rank", lo=1)
+    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)", lo=0.0, lo_open=True)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA path", lo=0.0, hi=0.99)
+    targets: list[str] | None = opt(
+        None,
+        "LoRA target modules: names, a regex, or all-linear "
+        "(default: query/value projections of the architecture)",
+    )
+    lr: float | None = opt(
+        None, "peak learning rate (default: lora 5e-4, full 3e-5, head 1e-3)", lo=0.0, lo_open=True
+    )
+    weight_decay: float = opt(0.1, "AdamW weight decay", lo=0.0)
+    warmup_ratio: float = opt(0.06, "linear warm-up as a fraction of all steps", lo=0.0, hi=1.0)
+    warmup_steps: int | None = opt(None, "linear warm-up steps (overrides --warmup-ratio)", lo=0)
+    epochs: float = opt(3.0, "training epochs", lo=0.0, lo_open=True)
+    max_steps: int | None = opt(None, "optimizer steps to train (overrides --epochs)", lo=1)
+    batch_size: int = opt(
+        16, "examples per micro-batch per process (global batch = this x grad-accum x processes)", lo=1
+    )
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", lo=1)
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)", lo=0.0)
+    label_smoothing: float = opt(
+        0.0, "label smoothing of the cross-entropy (paper E2E: 0.1)", lo=0.0, hi=0.99
+    )
+    max_len: int = opt(128, "maximum tokens per example (E2E: MR + text)", lo=8)
+    precision: str = opt(
+        "auto", "auto = bf16 autocast on GPUs that support it, else fp32", choices=PRECISIONS
+    )
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    seed: int = opt(0, "random seed (data order, dropout, head init, E2E split)")
+    eval_every: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)", lo=0)
+    save_every: int = opt(50, "write a resumable checkpoint every N optimizer steps", lo=1)
+    eval_batch_size: int = opt(64, "batch size for evaluation / generation", lo=1)
+    gen_max_mrs: int | None = opt(None, "E2E: decode at most this many dev MRs for the final BLEU", lo=1)
+    log_every: int = opt(10, "append train loss to metrics.jsonl every N optimizer steps", lo=1)
+    progress: bool = opt(True, "show a tqdm progress bar")
+
+    def validate(self) -> None:
+        super().validate()
+        from lorakit.train.data import get_task
+
+        try:
+            spec = get_task(self.task)
+        except Exception as exc:
+            raise TrainConfigError(f"--task: {exc}") from None
+        if spec.kind == "generation" and self.method == "head":
+            raise TrainConfigError("--method: head is for classification/regression tasks, not e2e")
+        if self.resume and self.overwrite:
+            raise TrainConfigError("--resume and --overwrite exclude each other")
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else {"lora": 5e-4, "full": 3e-5, "head": 1e-3}[self.method]
+
+    def run_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        from lorakit.train.data import get_task
+
+        suffix = f"-r{self.r}" if self.method == "lora" else ""
+        return Path("runs") / f"{get_task(self.task).name}-{self.method}{suffix}"
+
+
+@dataclass
+class EvalConfig(DecodeOptions):
+    """Options of ``lorakit eval``."""
+
+    task: str = opt("sst2", "task whose metric and file layout to use")
+    model: str = opt("minilm", "preset or model directory (a full fine-tuning run's model/ works too)")
+    adapter: str | None = opt(None, "LoRA adapter directory to load on the model (e.g. runs/x/adapter)")
+    head: str | None = opt(
+        None, "safetensors file with task-head weights (a head-only run's head.safetensors)"
+    )
+    eval_file: str | None = opt(None, "file to score (default: the task's shared dev set)")
+    data_dir: str | None = opt(None, "directory holding glue/ and e2e/")
+    max_eval_examples: int | None = opt(
+        None, "score a seeded random subset of this many examples / MRs", lo=1
+    )
+    e2e_dev_fraction: float = opt(
+        0.1, "E2E: dev fraction when splitting a single file by MR", lo=0.0, hi=1.0, lo_open=True
+    )
+    seed: int = opt(0, "seed of the subset / E2E split (use the training run's)")
+    max_len: int = opt(128, "maximum tokens per example", lo=8)
+    eval_batch_size: int = opt(64, "batch size", lo=1)
+    precision: str = opt("auto", "auto / fp32 / bf16", choices=PRECISIONS)
+    output: str | None = opt(None, "also write the metrics as JSON to this file")
+
+    def validate(self) -> None:
+        super().validate()
+        from lorakit.train.data import get_task
+
+        try:
+            get_task(self.task)
+        except Exception as exc:
+            raise TrainConfigError(f"--task: {exc}") from None
+
+
+@dataclass
+class GenerateConfig(DecodeOptions):
+    """Options of ``lorakit generate``."""
+
+    model: str = opt("smollm2", "preset or causal-LM model directory")
+    adapter: str | None = opt(None, "LoRA adapter directory trained with `lorakit train --task e2e`")
+    prompt: list[str] = opt([], "meaning representations ('name : X | food : Y') to verbalise")
+    input_file: str | None = opt(None, "file with one MR per line (text after '||' is ignored)")
+    raw: bool = opt(False, "use prompts verbatim instead of the E2E training template")
+    eval_batch_size: int = opt(8, "prompts decoded per batch", lo=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.prompt and not self.input_file:
+            raise TrainConfigError("--prompt or --input-file: give at least one input")
+
+
+@dataclass
+class MergeConfig(BaseConfig):
+    """Options of ``lorakit merge``."""
+
+    adapter: str = opt("", "LoRA adapter directory (from lorakit train or PEFT)")
+    output: str = opt("", "directory for the merged model (save_pretrained layout + tokenizer)")
+    model: str | None = opt(None, "base model preset/directory (default: the one recorded by lorakit train)")
+    task: str | None = opt(None, "task of the adapter (default: the one recorded by lorakit train)")
+    overwrite: bool = opt(False, "replace --output if it exists")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.adapter:
+            raise TrainConfigError("--adapter: required")
+        if not self.output:
+            raise TrainConfigError("--output: required")
+
+
+@dataclass
+class DemoConfig(BaseConfig):
+    """Options of ``lorakit demo``."""
+
+    output_dir: str = opt("runs/demo", "where the demo writes its run (adapter, metrics, loss.png)")
+    epochs: float = opt(4.0, "training epochs over the demo's training split", lo=0.0, lo_open=True)
+    lr: float = opt(1e-3, "LoRA learning rate", lo=0.0, lo_open=True)
+    r: int = opt(8, "LoRA rank", lo=1)
+    seed: int = opt(0, "random seed")
+    progress: bool = opt(True, "show a progress bar")

@@ -1,0 +1,25 @@
+"""Typed errors of the training tools; all derive from :class:`lorakit.errors.LoraError`."""
+
+from __future__ import annotations
+
+from lorakit.errors import LoraError
+
+
+class TrainConfigError(LoraError, ValueError):
+    """A training / CLI option has an invalid value; the message names the flag."""
+
+
+class DataError(LoraError, ValueError):
+    """A data file is missing, empty or malformed; the message names file and line."""
+
+
+class UnknownTaskError(DataError):
+    """The task name is not one of the known tasks."""
+
+
+class ModelLoadError(LoraError, RuntimeError):
+    """A model could not be found or loaded (missing package, directory without weights...)."""
+
+
+class ResumeError(LoraError, ValueError):
+    """``--resume`` points at a checkpoint that does not exist or belongs to another config."""

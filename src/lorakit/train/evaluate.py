@@ -1,0 +1,142 @@
+"""Loss, evaluation and E2E beam-search generation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.train import metrics
+from lorakit.train.batching import IGNORE, Feature, collate, format_prompt, prompt_ids
+from lorakit.train.data import MRGroup, TaskSpec
+
+
+def loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Summed (not averaged) loss of a batch, so that callers can normalise by global units."""
+    logits = logits.float()
+    if kind == "regression":
+        return F.mse_loss(logits.view(-1), labels.float(), reduction="sum")
+    if kind == "generation":
+        shifted = logits[:, :-1].reshape(-1, logits.size(-1))
+        target = labels[:, 1:].reshape(-1)
+        return F.cross_entropy(
+            shifted, target, ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing
+        )
+    return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when enabled, a no-op context otherwise."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    spec: TaskSpec,
+    feats: Sequence[Feature],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Dev metrics: the task metrics (classification/regression) or the mean token loss (generation)."""
+    was_training = model.training
+    model.eval()
+    preds: list[Any] = []
+    golds: list[Any] = []
+    total, units = 0.0, 0
+    for i in range(0, len(feats), batch_size):
+        chunk = feats[i : i + batch_size]
+        batch = collate(chunk, pad_id)
+        with autocast(device, bf16):
+            logits = model(**model_inputs(batch, device)).logits
+        labels = batch["labels"].to(device)
+        total += float(loss_sum(logits, labels, spec.kind))
+        units += sum(f.units for f in chunk)
+        if spec.kind == "classification":
+            preds += logits.argmax(-1).tolist()
+            golds += labels.tolist()
+        elif spec.kind == "regression":
+            preds += logits.float().view(-1).tolist()
+            golds += labels.tolist()
+    model.train(was_training)
+    out = {"loss": total / max(units, 1)}
+    if spec.kind == "classification":
+        out.update(metrics.classification_metrics(spec.name, preds, golds))
+    elif spec.kind == "regression":
+        out.update(metrics.regression_metrics(preds, golds))
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    num_beams: int,
+    length_penalty: float,
+    no_repeat_ngram_size: int,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+    template: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Beam-search continuations of ``prompts`` (left-padded batches); returns the new text only."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    outs: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch")
+    for i in starts:
+        ids = [
+            prompt_ids(tokenizer, format_prompt(p) if template else p) for p in prompts[i : i + batch_size]
+        ]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        with autocast(device, bf16):
+            gen = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size or 0,
+                max_new_tokens=max_new_tokens,
+                early_stopping=True,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for row in gen[:, width:]:
+            outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return outs
+
+
+def score_e2e(
+    model: Any, tokenizer: Any, groups: Sequence[MRGroup], **gen_kw: Any
+) -> tuple[dict[str, float], list[str]]:
+    """Generate one text per MR and score corpus BLEU against all references of each MR."""
+    hyps = generate(model, tokenizer, [g.mr for g in groups], **gen_kw)
+    bleu = metrics.corpus_bleu(hyps, [g.refs for g in groups])
+    return {"bleu": bleu, "n_mrs": float(len(groups))}, hyps

@@ -1,0 +1,397 @@
+"""The trainer behind ``lorakit train``: AdamW + linear warm-up/decay, accumulation, clipping, bf16,
+gradient checkpointing, periodic eval with best-checkpoint keeping, exact resume, and DDP.
+
+Loss normalisation: every optimizer step averages the summed loss over the *global* batch's units
+(examples, or target tokens for E2E), so a run with N processes computes the same loss and gradient
+as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed as dd
+from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import TaskSpec, get_task, load_task_data, subsample
+from lorakit.train.errors import DataError, TrainConfigError
+from lorakit.train.evaluate import autocast, evaluate, loss_sum, model_inputs, score_e2e
+from lorakit.train.methods import apply_method, save_result
+from lorakit.train.models import load_model, load_tokenizer, resolve
+from lorakit.train.runlog import MetricsLog, plot_loss
+
+
+def linear_schedule(warmup: int, total: int) -> Any:
+    """Multiplier of the peak LR: linear ramp over ``warmup`` steps, then linear decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16":
+        return True
+    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new < old if metric == "loss" else new > old
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+class Trainer:
+    """One training run; construct (validates data, config and resume state), then :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.ctx = dd.setup()
+        self.spec: TaskSpec = get_task(cfg.task)
+        self.run_dir = cfg.run_dir()
+        self.log = MetricsLog(self.run_dir, enabled=self.ctx.is_main)
+        self._load_data()
+        self.config_dict = {
+            **cfg.to_dict(),
+            "task": self.spec.name,
+            "lr": cfg.resolved_lr(),
+            "world_size": self.ctx.world_size,
+        }
+        self.resume_state = self._check_run_dir()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        src = resolve(cfg.model)
+        self.tokenizer = load_tokenizer(src)
+        self.model = load_model(src, self.spec.kind, self.spec.num_labels)
+        self.method_info = apply_method(
+            self.model, cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.targets
+        )
+        self._encode()
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _load_data(self) -> None:
+        c = self.cfg
+        train, dev = load_task_data(
+            self.spec, c.data_dir, c.train_file, c.eval_file, seed=c.seed, dev_fraction=c.e2e_dev_fraction
+        )
+        self.train_raw = subsample(train, c.max_train_examples, c.seed)
+        self.eval_raw = subsample(dev, c.max_eval_examples, c.seed + 1)
+        self.schedule = Schedule(
+            self._n_train_units(), c.batch_size, c.grad_accum, self.ctx.world_size, c.seed
+        )
+
+    def _n_train_units(self) -> int:
+        if self.spec.kind == "generation":
+            return sum(len(g.refs) for g in self.train_raw)
+        return len(self.train_raw)
+
+    def _check_run_dir(self) -> dict[str, Any] | None:
+        c, path = self.cfg, self.run_dir / ckpt.CHECKPOINT
+        if self.schedule.steps_per_epoch == 0:
+            raise DataError(
+                f"{self.schedule.n_examples} training examples are fewer than one global batch "
+                f"({self.schedule.global_batch}); lower --batch-size / --grad-accum"
+            )
+        if c.resume:
+            if not path.is_file() and (self.run_dir / "results.json").is_file():
+                raise TrainConfigError(f"--resume: the run in {self.run_dir} already finished")
+            state = ckpt.load(path)
+            ckpt.check_resumable(state, self.config_dict, path)
+            return state
+        busy = path.is_file() or (self.run_dir / "results.json").is_file()
+        if busy and not c.overwrite:
+            raise TrainConfigError(
+                f"--output-dir: {self.run_dir} already holds a run; pass --resume to continue "
+                "it or --overwrite to start over"
+            )
+        return None
+
+    def _encode(self) -> None:
+        c, tok = self.cfg, self.tokenizer
+        if self.spec.kind == "generation":
+            self.train_feats = encode_lm(self.train_raw, tok, c.max_len)
+            self.eval_feats = encode_lm(self.eval_raw, tok, c.max_len)
+            if len(self.train_feats) != self.schedule.n_examples:
+                self.schedule = Schedule(
+                    len(self.train_feats), c.batch_size, c.grad_accum, self.ctx.world_size, c.seed
+                )
+        else:
+            self.train_feats = encode_classification(self.train_raw, tok, c.max_len)
+            self.eval_feats = encode_classification(self.eval_raw, tok, c.max_len)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    # ----------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        """Train, evaluate, save; returns the results (also written to ``results.json`` by rank 0)."""
+        c, ctx = self.cfg, self.ctx
+        device = ctx.device
+        model = self.model.to(device)
+        model.train()
+        if c.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        bf16 = use_bf16(c.precision, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.resolved_lr(),
+        )
+        spe = self.schedule.steps_per_epoch
+        total = c.max_steps or max(1, math.ceil(c.epochs * spe))
+        warmup = c.warmup_steps if c.warmup_steps is not None else round(c.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, total))
+        wrapped: Any = model
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        step, best = 0, {"value": None, "step": None}
+        if self.resume_state is not None:
+            st = self.resume_state
+            ckpt.load_trainable_state(model, st["trainable"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            step, best = st["step"], st["best"]
+            ckpt.set_rng_state(st["rng"][ctx.rank])
+            self.log.reset(keep_until_step=step)
+        else:
+            torch.manual_seed(c.seed + 1 + ctx.rank)  # dropout streams differ per rank
+            if ctx.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                for stale in (ckpt.CHECKPOINT, ckpt.BEST, "results.json"):
+                    (self.run_dir / stale).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+            self.log.reset()
+        resolved = {
+            **self.config_dict,
+            "total_steps": total,
+            "warmup_steps": warmup,
+            "steps_per_epoch": spe,
+            "global_batch": self.schedule.global_batch,
+            "bf16": bf16,
+            "device": str(device),
+            "n_train": self.schedule.n_examples,
+            "n_eval": len(self.eval_feats),
+            **self.method_info,
+        }
+        if ctx.is_main:
+            ckpt.atomic_json(resolved, self.run_dir / "config.json")
+        dd.barrier(ctx)
+
+        bar = None
+        if ctx.is_main and c.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=total,
+                initial=step,
+                desc=f"{self.spec.name}/{c.method}",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        t0 = time.perf_counter()
+        win_t, win_n = time.perf_counter(), 0
+        start_step = step
+        while step < total:
+            global_idx = self.schedule.global_indices(step)
+            units = sum(self.train_feats[i].units for i in global_idx)
+            micro = self.schedule.rank_micro_batches(step, ctx.rank)
+            acc = torch.zeros((), device=device)
+            for k, idx in enumerate(micro):
+                batch = collate([self.train_feats[i] for i in idx], self.pad_id)
+                sync = nullcontext() if (not ctx.enabled or k == len(micro) - 1) else wrapped.no_sync()
+                with sync:
+                    with autocast(device, bf16):
+                        logits = wrapped(**model_inputs(batch, device)).logits
+                    loss = loss_sum(logits, batch["labels"].to(device), self.spec.kind, c.label_smoothing)
+                    (loss * (ctx.world_size / units)).backward()
+                acc += loss.detach()
+            step_loss = float(dd.all_sum(ctx, acc)) / units
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss became {step_loss} at step {step + 1}; lower --lr")
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf
+            )
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            win_n += self.schedule.global_batch
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{win_n / (time.perf_counter() - win_t):.1f}")
+            if step % c.log_every == 0 or step == total:
+                now = time.perf_counter()
+                self.log.append(
+                    {
+                        "split": "train",
+                        "step": step,
+                        "epoch": round(step / spe, 4),
+                        "loss": step_loss,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "examples_per_s": win_n / (now - win_t),
+                        "elapsed_s": now - t0,
+                    }
+                )
+                win_t, win_n = now, 0
+            if c.eval_every and step % c.eval_every == 0 and step < total:
+                self._eval_and_keep_best(step, best, bf16)
+            if step % c.save_every == 0 and step < total:
+                self._save_checkpoint(step, best, opt, sched)
+        if bar is not None:
+            bar.close()
+        train_time = time.perf_counter() - t0
+        final = self._eval_and_keep_best(step, best, bf16)
+        results = self._finish(final, best, train_time, step, step - start_step, bf16)
+        dd.barrier(ctx)
+        dd.teardown(ctx)
+        return results
+
+    # ----------------------------------------------------------------------------------- pieces
+    def _eval_and_keep_best(self, step: int, best: dict[str, Any], bf16: bool) -> dict[str, float]:
+        """Rank 0 evaluates; an improvement is written to ``best.pt``. Returns the metrics."""
+        metric = "loss" if self.spec.kind == "generation" else self.spec.metric
+        res: dict[str, float] = {}
+        if self.ctx.is_main:
+            res = evaluate(
+                self.model,
+                self.spec,
+                self.eval_feats,
+                pad_id=self.pad_id,
+                batch_size=self.cfg.eval_batch_size,
+                device=self.ctx.device,
+                bf16=bf16,
+            )
+            self.log.append({"split": "eval", "step": step, **res})
+            if better(metric, res[metric], best["value"]):
+                best.update(value=res[metric], step=step, metrics=res)
+                ckpt.atomic_save(
+                    {"step": step, "metrics": res, "trainable": ckpt.trainable_state(self.model)},
+                    self.run_dir / ckpt.BEST,
+                )
+        best.update(dd.broadcast_object(self.ctx, dict(best)))
+        return res
+
+    def _save_checkpoint(self, step: int, best: dict[str, Any], opt: Any, sched: Any) -> None:
+        rngs = dd.gather_objects(self.ctx, ckpt.rng_state())
+        if self.ctx.is_main:
+            digest, keep = ckpt.fingerprint(self.config_dict)
+            ckpt.atomic_save(
+                {
+                    "step": step,
+                    "fingerprint": digest,
+                    "config": keep,
+                    "best": best,
+                    "rng": rngs,
+                    "trainable": ckpt.trainable_state(self.model),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                },
+                self.run_dir / ckpt.CHECKPOINT,
+            )
+        dd.barrier(self.ctx)
+
+    def _finish(
+        self,
+        final: dict[str, float],
+        best: dict[str, Any],
+        train_time: float,
+        step: int,
+        steps_run: int,
+        bf16: bool,
+    ) -> dict[str, Any]:
+        c, ctx = self.cfg, self.ctx
+        results: dict[str, Any] = {}
+        if ctx.is_main:
+            meta = {
+                "task": self.spec.name,
+                "model": c.model,
+                "method": c.method,
+                "num_labels": self.spec.num_labels,
+                "kind": self.spec.kind,
+                "seed": c.seed,
+                "max_len": c.max_len,
+            }
+            saved = save_result(self.model, self.tokenizer, c.method, self.run_dir, meta)
+            gen: dict[str, float] = {}
+            if self.spec.kind == "generation":
+                groups = self.eval_raw[: c.gen_max_mrs] if c.gen_max_mrs else self.eval_raw
+                gen, hyps = score_e2e(
+                    self.model,
+                    self.tokenizer,
+                    groups,
+                    num_beams=c.num_beams,
+                    length_penalty=c.length_penalty,
+                    no_repeat_ngram_size=c.no_repeat_ngram_size,
+                    max_new_tokens=c.max_new_tokens,
+                    batch_size=c.eval_batch_size,
+                    device=ctx.device,
+                    bf16=bf16,
+                    progress=c.progress,
+                )
+                (self.run_dir / "generations.txt").write_text(
+                    "".join(h + "\n" for h in hyps), encoding="utf-8"
+                )
+                final = {**final, **gen}
+                self.log.append({"split": "eval", "step": step, **gen})
+            best_path = None
+            if best.get("step") not in (None, step) and (self.run_dir / ckpt.BEST).is_file():
+                state = ckpt.load(self.run_dir / ckpt.BEST)
+                current = ckpt.trainable_state(self.model)
+                ckpt.load_trainable_state(self.model, state["trainable"])
+                best_path = save_result(self.model, self.tokenizer, c.method, self.run_dir / "best", meta)
+                ckpt.load_trainable_state(self.model, current)
+            results = {
+                "task": self.spec.name,
+                "method": c.method,
+                "model": c.model,
+                "final": final,
+                "best": {"step": best.get("step"), **(best.get("metrics") or {})},
+                "metric": self.spec.metric,
+                "trainable_params": self.method_info["trainable_params"],
+                "total_params": self.method_info["total_params"],
+                "trainable_fraction": self.method_info["trainable_fraction"],
+                "train_time_s": train_time,
+                "steps_run": steps_run,
+                "world_size": ctx.world_size,
+                "saved": str(saved),
+                "saved_best": str(best_path) if best_path else None,
+                **peak_memory_mb(ctx.device),
+            }
+            ckpt.atomic_json(results, self.run_dir / "results.json")
+            plot_loss(
+                self.log.records(),
+                self.run_dir / "loss.png",
+                None if self.spec.kind == "generation" else self.spec.metric,
+            )
+            (self.run_dir / ckpt.CHECKPOINT).unlink(missing_ok=True)
+        return results
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``lorakit train`` with a validated config; returns the results dict (empty on ranks > 0)."""
+    return Trainer(cfg).run()
