@@ -1,0 +1,1 @@
+"""Tests of lorakit.train and the CLI."""
