@@ -99,6 +99,7 @@ def _quiet_transformers() -> Any:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
