@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
+from . import fused as FU
 from .config import check_alpha, check_dropout
 from .errors import LoraConfigError
 
@@ -47,6 +48,34 @@ class LoraLayer:
     merge_weights: bool
     lora_dropout: nn.Module
     _weight_key = "weight"
+    #: Linear / MergedLinear use :mod:`lorakit.fused` when eligible; set False on an instance
+    #: (or call ``lorakit.fused.set_enabled(False)``) to force the plain reference path.
+    lora_fused: bool = True
+
+    # --- which adapter the layer uses (lorakit.adapters swaps it in O(1)) ----------------------
+    # The forward, merge and save read ``self.lora_A`` / ``self.lora_B``. They resolve to the pair
+    # registered under those names (the first, "default" adapter) unless ``_lora_sel`` points
+    # elsewhere: ``(A, B)`` of a named adapter, ``(None, None)`` (no adapter here: act as base),
+    # or a sequence computing a concatenation for several active adapters.
+    @property
+    def lora_A(self) -> Any:
+        sel = self.__dict__.get("_lora_sel")
+        if sel is not None:
+            return sel[0]
+        try:
+            return self.__dict__["_parameters"]["lora_A"]
+        except KeyError:
+            raise AttributeError("lora_A") from None
+
+    @property
+    def lora_B(self) -> Any:
+        sel = self.__dict__.get("_lora_sel")
+        if sel is not None:
+            return sel[1]
+        try:
+            return self.__dict__["_parameters"]["lora_B"]
+        except KeyError:
+            raise AttributeError("lora_B") from None
 
     # --- construction ------------------------------------------------------------------------
     def _init_lora(self, r: Any, lora_alpha: Any, lora_dropout: Any, merge_weights: bool,
@@ -259,6 +288,9 @@ class Linear(LoraLayer, nn.Linear):
         if not self.lora_active:
             w = self.weight.transpose(0, 1) if self.fan_in_fan_out else self.weight
             return F.linear(x, w, self.bias)
+        if self.lora_fused and FU.fused_eligible(x, self.weight, self.lora_A, self.lora_dropout):
+            return FU.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                  self.lora_dropout, self.fan_in_fan_out)
         return LF.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                               self.lora_dropout, self.fan_in_fan_out)
 
@@ -333,6 +365,10 @@ class MergedLinear(LoraLayer, nn.Linear):
         if not self.lora_active:
             w = self.weight.transpose(0, 1) if self.fan_in_fan_out else self.weight
             return F.linear(x, w, self.bias)
+        if self.lora_fused and FU.fused_eligible(x, self.weight, self.lora_A, self.lora_dropout):
+            return FU.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                  self.lora_dropout, self.fan_in_fan_out,
+                                  FU.merged_slices(self.enable_lora, self.out_features))
         return LF.fused_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                self.enable_lora, self._lora_cols, self.lora_dropout, self.fan_in_fan_out)
 

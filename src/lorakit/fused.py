@@ -1,0 +1,343 @@
+"""Fused LoRA autograd path: ``h = x W^T + b + s B A (m ⊙ x)`` as one ``autograd.Function``.
+
+What it saves over the plain composition in :mod:`lorakit.functional` (the reference path):
+
+* The low-rank update is added into the base output **in place** (``addmm_``) and the scaling
+  ``alpha/r`` (times the dropout keep-scale) is folded into the small ``B`` matrix, so no extra
+  (N, out) tensors are made for ``B A x``, its scaled copy or the sum.
+* Saved for backward: the input ``x`` (once; the same tensor object for sibling projections), the
+  (N, r) intermediate ``A x`` and nothing else. The dropout mask is **not** saved: it is
+  regenerated in backward from a 62-bit seed (a dedicated ``torch.Generator``), so dropout costs
+  no activation memory at all, instead of a float copy of ``dropout(x)`` plus a bool mask per module.
+* Sibling projections that read the same tensor (q/k/v, gate/up) share one dropout mask and one
+  masked input, as loralib's ``MergedLinear`` does for a fused qkv: a one-entry cache keyed by the
+  input tensor's identity and version (:class:`_DropGroup`). Their backwards share one regenerated
+  mask, which is dropped once every member of the group has run its backward.
+* Gradients are computed only where ``needs_input_grad`` says so: a frozen base weight gets no
+  weight gradient, the input gets one only when it requires grad.
+* The dropout mask comes from 15 random bits per element (``p`` quantised to 1/32768, the
+  keep-scale uses the quantised ``p`` so the estimator stays unbiased), about 2× cheaper on CPU
+  than ``bernoulli_`` on floats.
+
+When the fused path is used (:func:`fused_eligible`): the layer is active, ``lorakit.fused`` is
+enabled (:func:`set_enabled`, :func:`disabled`) and the layer's ``lora_fused`` attribute is not
+False, its dropout is an ``nn.Dropout`` or ``nn.Identity``, the input is floating point, and the
+dtypes line up (input, base weight and adapter share one dtype, or autocast is on for the input's
+device). Anything else (custom dropout modules, mixed dtypes without autocast, functorch
+transforms of the layer) takes the plain path, whose result the fused path reproduces to
+round-off. Under ``torch.compile`` the mask is drawn with ``torch.rand`` and saved as a bool
+tensor (1 byte per element) because dynamo cannot trace generator objects; everything else is the
+same Function, traced without graph breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Slices = tuple[tuple[int, int], ...]
+
+_BITS = 15  # random bits per mask element
+_LEVELS = 1 << _BITS
+_state: dict[str, Any] = {"enabled": True}
+
+
+# --- switches ------------------------------------------------------------------------------------
+def set_enabled(flag: bool) -> None:
+    """Turn the fused path on or off globally (layers then use :mod:`lorakit.functional`)."""
+    _state["enabled"] = bool(flag)
+
+
+def is_enabled() -> bool:
+    """Whether layers may use the fused path."""
+    return bool(_state["enabled"])
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Context manager: run LoRA layers on the plain reference path inside the block."""
+    old = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        yield
+    finally:
+        _state["enabled"] = old
+
+
+# --- dropout masks ------------------------------------------------------------------------------
+def keep_threshold(p: float) -> int:
+    """Elements whose 15-bit random value is below this are dropped."""
+    return int(round(p * _LEVELS))
+
+
+def keep_scale(p: float) -> float:
+    """``1 / P(keep)`` for the quantised drop probability (unbiased inverted dropout)."""
+    return _LEVELS / (_LEVELS - keep_threshold(p))
+
+
+def draw_seed() -> int:
+    """A seed for one dropout mask, drawn from torch's default CPU generator (so ``manual_seed``
+    and activation checkpointing's RNG-state replay reproduce it)."""
+    return int(torch.randint(0, 1 << 62, (1,)).item())
+
+
+def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """The keep mask (bool, ``shape``) the fused path uses for ``seed``: deterministic per seed."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    n = math.prod(shape)
+    words = torch.empty(((n + 1) // 2,), dtype=torch.int32, device=device).random_(generator=gen)
+    bits = words.view(torch.int16)[:n].bitwise_and_(_LEVELS - 1)  # two 15-bit draws per int32
+    return bits.ge(keep_threshold(p)).view(tuple(shape))
+
+
+class _DropGroup:
+    """One dropout mask shared by every projection that reads the same input tensor.
+
+    Forward members reuse ``keep`` / ``masked`` while the group is the cache's current entry;
+    backward members share the regenerated ones until all ``members`` have run their backward.
+    """
+
+    __slots__ = ("seed", "p", "ref", "version", "keep", "masked", "members", "done", "__weakref__")
+
+    def __init__(self, x: Tensor, p: float) -> None:
+        self.seed = draw_seed()
+        self.p = p
+        self.ref = weakref.ref(x)
+        self.version = x._version
+        with torch.no_grad():  # a constant of the graph, never differentiated through
+            self.keep: Tensor | None = dropout_mask(x.shape, p, self.seed, x.device)
+            self.masked: Tensor | None = x.masked_fill(~self.keep, 0)
+        self.members = 0
+        self.done = 0
+
+    def matches(self, x: Tensor, p: float) -> bool:
+        return self.ref() is x and self.version == x._version and self.p == p and self.keep is not None
+
+    def release(self) -> None:
+        self.keep = self.masked = None
+
+    def backward_tensors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep mask and masked input for backward, regenerated once per group."""
+        if self.keep is None or self.masked is None:
+            self.keep = dropout_mask(x.shape, self.p, self.seed, x.device)
+            self.masked = x.masked_fill(~self.keep, 0)
+        return self.keep, self.masked
+
+    def finish_backward(self) -> None:
+        self.done += 1
+        if self.done >= self.members:
+            self.release()
+            self.done = 0
+
+
+_current: list[_DropGroup | None] = [None]
+
+
+def _group_for(x: Tensor, p: float) -> _DropGroup:
+    """The current group when ``x`` is the tensor it was made for, else a new one (frees the old)."""
+    g = _current[0]
+    if g is not None and g.matches(x, p):
+        return g
+    if g is not None:
+        g.release()  # its forward siblings are done; backward regenerates from the seed
+    g = _DropGroup(x, p)
+    _current[0] = g
+    return g
+
+
+# --- the Function -------------------------------------------------------------------------------
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """``out = x W^T + b``; ``out[:, o0:o1] += s_eff * (m ⊙ x) A_j^T B_j^T`` for each slice j.
+
+    ``slices`` lists the output column ranges with a rank-r block (one range for ``Linear``,
+    the enabled q/k/v slices for ``MergedLinear``); A is (r*k, in), B is (rows*k, r).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                keep: Tensor | None, scaling: float, p: float, slices: Slices, fan_in_fan_out: bool,
+                group: _DropGroup | None) -> Tensor:
+        cdt = _compute_dtype(x)
+        dev = x.device.type
+        with torch.autocast(dev, enabled=False):
+            in_f = x.shape[-1]
+            x2 = x.reshape(-1, in_f).to(cdt)  # (N, in)
+            w = weight.to(cdt)
+            w = w.transpose(0, 1) if fan_in_fan_out else w  # (out, in)
+            out = F.linear(x2, w, None if bias is None else bias.to(cdt))  # (N, in) @ (in, out) -> (N, out)
+            s_eff = scaling * (keep_scale(p) if p > 0 else 1.0)
+            if group is not None:  # eager dropout: shared seed-regenerated mask
+                group.members += 1
+                masked = (group.masked if group.masked is not None else x.masked_fill(~group.keep, 0))
+                masked = masked.reshape(-1, in_f)
+            elif keep is not None:  # compiled dropout: explicit bool mask
+                masked = x2.masked_fill(~keep.reshape(-1, in_f), 0)
+            else:
+                masked = x2
+            t = F.linear(masked.to(cdt), A.to(cdt))  # (N, in) @ (in, r*k) -> (N, r*k)
+            r = A.shape[0] // len(slices)
+            Bs = (B * s_eff).to(cdt)  # scaling folded into the (rows*k, r) matrix
+            row = 0
+            for j, (o0, o1) in enumerate(slices):
+                # (N, r) @ (r, rows) -> added in place into out[:, o0:o1]
+                out[:, o0:o1].addmm_(t[:, j * r:(j + 1) * r], Bs[row:row + o1 - o0].transpose(0, 1))
+                row += o1 - o0
+        ctx.meta = (scaling, s_eff, slices, fan_in_fan_out, cdt, x.shape, x.dtype, bias is not None)
+        ctx.group = group
+        need_x_saved = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if need_x_saved else None, weight, A, B, t,
+                              keep if group is None else None)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, A, B, t, keep = ctx.saved_tensors
+        _scaling, s_eff, slices, fifo, cdt, x_shape, x_dtype, has_bias = ctx.meta
+        group: _DropGroup | None = ctx.group
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        in_f = x_shape[-1]
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(cdt)  # (N, out)
+            x2 = x.reshape(-1, in_f).to(cdt) if x is not None else None
+            mask: Tensor | None = None
+            masked = x2
+            if group is not None and (need_a or need_x):
+                mask, masked = group.backward_tensors(x)
+                mask, masked = mask.reshape(-1, in_f), masked.reshape(-1, in_f).to(cdt)
+                group.finish_backward()
+            elif keep is not None:
+                mask = keep.reshape(-1, in_f)
+                masked = x2.masked_fill(~mask, 0) if x2 is not None else None
+            r = A.shape[0] // len(slices)
+            Ac, Bc = A.to(cdt), B.to(cdt)
+            gB_parts: list[Tensor] = []
+            gt_parts: list[Tensor] = []
+            row = 0
+            for j, (o0, o1) in enumerate(slices):
+                gj = g[:, o0:o1]  # (N, rows)
+                if need_bb:  # (r, N) @ (N, rows) -> (r, rows); r-major is the fast BLAS shape here
+                    gB_parts.append((t[:, j * r:(j + 1) * r].transpose(0, 1) @ gj).transpose(0, 1))
+                if need_a or need_x:
+                    gt_parts.append(gj @ Bc[row:row + o1 - o0])  # (N, rows) @ (rows, r) -> (N, r)
+                row += o1 - o0
+            gB = None
+            if gB_parts:
+                gB = (gB_parts[0] if len(gB_parts) == 1 else torch.cat(gB_parts, 0)).mul(s_eff)
+            gt = None
+            if gt_parts:
+                gt = (gt_parts[0] if len(gt_parts) == 1 else torch.cat(gt_parts, 1)).mul_(s_eff)  # (N, r*k)
+            gA = gt.transpose(0, 1) @ masked if need_a else None  # (r*k, N) @ (N, in) -> (r*k, in)
+            gx = None
+            if need_x:
+                w = weight.to(cdt)
+                gx = g @ (w.transpose(0, 1) if fifo else w)  # (N, out) @ (out, in) -> (N, in)
+                if mask is None:
+                    gx.addmm_(gt, Ac)  # (N, r*k) @ (r*k, in), added in place
+                else:
+                    gx.add_((gt @ Ac).masked_fill_(~mask, 0))  # dropout's backward: same mask
+                gx = gx.view(x_shape).to(x_dtype)
+            gw = None
+            if need_w:
+                gw = (x2.transpose(0, 1) @ g) if fifo else (g.transpose(0, 1) @ x2)  # (in,out) or (out,in)
+                gw = gw.to(weight.dtype)
+            gb = g.sum(0).to(weight.dtype) if (need_b and has_bias) else None
+        return (gx, gw, gb, None if gA is None else gA.to(A.dtype), None if gB is None else gB.to(B.dtype),
+                None, None, None, None, None, None)
+
+
+# --- entry points -------------------------------------------------------------------------------
+def _dropout_p(dropout: nn.Module | None) -> float | None:
+    """The active drop probability, or None when the module is not one the fused path understands."""
+    if dropout is None or isinstance(dropout, nn.Identity):
+        return 0.0
+    if type(dropout) is nn.Dropout:
+        return float(dropout.p) if dropout.training else 0.0
+    return None
+
+
+def fused_eligible(x: Tensor, weight: Tensor, A: Tensor, dropout: nn.Module | None) -> bool:
+    """Whether :func:`lora_linear` reproduces :func:`lorakit.functional.lora_linear` for these inputs."""
+    if not is_enabled() or not x.is_floating_point() or _dropout_p(dropout) is None:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    return x.dtype == weight.dtype == A.dtype
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                dropout: nn.Module | None = None, fan_in_fan_out: bool = False,
+                slices: Slices | None = None) -> Tensor:
+    """Fused ``x W^T + b + scaling * dropout(x) A^T B^T`` (``slices``: output ranges with LoRA).
+
+    Callers check :func:`fused_eligible` first. Without autograd (inference, ``no_grad``) it runs
+    the same in-place arithmetic directly.
+    """
+    out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    if slices is None:
+        slices = ((0, out_f),)
+    p = _dropout_p(dropout) or 0.0
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, A, B))
+    if not needs_graph and p == 0.0:
+        return _inference(x, weight, bias, A, B, scaling, slices, fan_in_fan_out)
+    keep: Tensor | None = None
+    group: _DropGroup | None = None
+    if p > 0.0:
+        if torch.compiler.is_compiling():
+            keep = torch.rand_like(x, dtype=torch.float32) >= keep_threshold(p) / _LEVELS
+        else:
+            group = _group_for(x, p)
+    if not needs_graph:
+        with torch.no_grad():
+            return FusedLoraLinear.forward(_NoCtx(), x, weight, bias, A, B, keep, scaling, p, slices,
+                                           fan_in_fan_out, group)
+    return FusedLoraLinear.apply(x, weight, bias, A, B, keep, scaling, p, slices, fan_in_fan_out, group)
+
+
+class _NoCtx:
+    """Stand-in ``ctx`` for running the forward without autograd."""
+
+    needs_input_grad = (False,) * 11
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        pass
+
+
+def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+               slices: Slices, fan_in_fan_out: bool) -> Tensor:
+    """No-autograd forward: base linear, then ``addmm_`` of each slice's low-rank product."""
+    cdt = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.to(cdt)
+        out = F.linear(x.to(cdt), w.transpose(0, 1) if fan_in_fan_out else w,
+                       None if bias is None else bias.to(cdt))  # (..., in) -> (..., out)
+        out2 = out.view(-1, out.shape[-1])
+        t = F.linear(x.reshape(-1, x.shape[-1]).to(cdt), A.to(cdt))  # (N, in) -> (N, r*k)
+        r = A.shape[0] // len(slices)
+        row = 0
+        for j, (o0, o1) in enumerate(slices):
+            Bj = B[row:row + o1 - o0].to(cdt) * scaling  # (rows, r)
+            out2[:, o0:o1].addmm_(t[:, j * r:(j + 1) * r], Bj.transpose(0, 1))  # (N, r) @ (r, rows)
+            row += o1 - o0
+    return out
+
+
+def merged_slices(enable: Sequence[bool], out_features: int) -> Slices:
+    """Output column ranges of the enabled slices of a fused projection."""
+    rows = out_features // len(enable)
+    return tuple((i * rows, (i + 1) * rows) for i, e in enumerate(enable) if e)

@@ -1,0 +1,262 @@
+"""The fused LoRA path (lorakit.fused) against the plain reference path (lorakit.functional)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import lorakit
+from lorakit import functional as LF
+from lorakit import fused as FU
+
+N, D_IN, D_OUT, R = 12, 16, 24, 4
+
+
+class MaskDropout(nn.Module):
+    """Dropout with a given keep mask and scale: the plain path with the fused path's mask."""
+
+    def __init__(self, keep: Tensor, scale: float) -> None:
+        super().__init__()
+        self.keep, self.scale = keep, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.keep.to(x.dtype) * self.scale
+
+
+def _mask_for(seed_state: int, shape: tuple[int, ...], p: float) -> Tensor:
+    """The mask the fused path draws right after ``torch.manual_seed(seed_state)``."""
+    torch.manual_seed(seed_state)
+    return FU.dropout_mask(shape, p, FU.draw_seed())
+
+
+def _layer(fifo: bool = False, p: float = 0.0, bias: bool = True, seed: int = 0) -> lorakit.Linear:
+    torch.manual_seed(seed)
+    layer = lorakit.Linear(D_IN, D_OUT, r=R, lora_alpha=8, lora_dropout=p, fan_in_fan_out=fifo,
+                           merge_weights=False, bias=bias)
+    nn.init.normal_(layer.lora_B)  # non-zero B so every gradient is exercised
+    return layer
+
+
+def _grads(fn, params: list[Tensor], x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+    for t in [*params, x]:
+        t.grad = None
+    out = fn(x)
+    torch.manual_seed(123)
+    out.backward(torch.randn_like(out))
+    return out.detach(), [None if t.grad is None else t.grad.clone() for t in [*params, x]]
+
+
+def _assert_close(a: list[Tensor | None], b: list[Tensor | None], **tol: float) -> None:
+    assert len(a) == len(b)
+    for u, v in zip(a, b, strict=True):
+        assert (u is None) == (v is None)
+        if u is not None:
+            torch.testing.assert_close(u, v, **tol)
+
+
+def _plain(layer: lorakit.Linear, dropout: nn.Module | None = None):
+    def run(x: Tensor) -> Tensor:
+        return LF.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                              dropout, layer.fan_in_fan_out)
+    return run
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("train", ["lora", "bias", "full"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_linear_matches_plain(fifo: bool, train: str, p: float) -> None:
+    layer = _layer(fifo, p)
+    layer.weight.requires_grad_(train == "full")
+    layer.bias.requires_grad_(train in ("bias", "full"))
+    x = torch.randn(2, N // 2, D_IN, requires_grad=True)
+    params = [layer.weight, layer.bias, layer.lora_A, layer.lora_B]
+    torch.manual_seed(7)
+    out_f, g_f = _grads(layer, params, x)
+    drop = MaskDropout(_mask_for(7, tuple(x.shape), p), FU.keep_scale(p)) if p else None
+    out_p, g_p = _grads(_plain(layer, drop), params, x)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    _assert_close(g_f, g_p, rtol=1e-5, atol=1e-5)
+    if train == "lora":
+        assert layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_no_input_grad_when_not_needed() -> None:
+    layer = _layer()
+    layer.weight.requires_grad_(False)
+    x = torch.randn(N, D_IN)
+    layer(x).sum().backward()
+    assert layer.lora_A.grad is not None and layer.weight.grad is None
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_merged_linear_matches_plain(fifo: bool, p: float) -> None:
+    torch.manual_seed(0)
+    layer = lorakit.MergedLinear(D_IN, 3 * D_OUT, r=R, lora_alpha=8, lora_dropout=p,
+                                 enable_lora=[True, False, True], fan_in_fan_out=fifo, merge_weights=False)
+    nn.init.normal_(layer.lora_B)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(N, D_IN, requires_grad=True)
+    params = [layer.bias, layer.lora_A, layer.lora_B]
+    torch.manual_seed(3)
+    out_f, g_f = _grads(layer, params, x)
+    drop = MaskDropout(_mask_for(3, tuple(x.shape), p), FU.keep_scale(p)) if p else None
+
+    def plain(x: Tensor) -> Tensor:
+        return LF.fused_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                               layer.enable_lora, layer._lora_cols, drop, fifo)
+    out_p, g_p = _grads(plain, params, x)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    _assert_close(g_f, g_p, rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_share_one_mask_and_match_plain() -> None:
+    p = 0.25
+    layers = [_layer(p=p, seed=i) for i in range(3)]  # q, k, v reading the same tensor
+    x = torch.randn(N, D_IN, requires_grad=True)
+    params = [t for m in layers for t in (m.lora_A, m.lora_B)]
+
+    def fused(x: Tensor) -> Tensor:
+        h = x * 1.0  # one non-leaf tensor read by the three projections
+        return sum(m(h) for m in layers)
+    torch.manual_seed(5)
+    out_f, g_f = _grads(fused, params, x)
+    keep = _mask_for(5, tuple(x.shape), p)
+    drop = MaskDropout(keep, FU.keep_scale(p))
+    out_p, g_p = _grads(lambda x: sum(_plain(m, drop)(x) for m in layers), params, x)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    _assert_close(g_f, g_p, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_statistics() -> None:
+    keep = FU.dropout_mask((256, 256), 0.1, 1)
+    assert abs(1 - keep.float().mean().item() - 0.1) < 0.005
+    assert torch.equal(keep, FU.dropout_mask((256, 256), 0.1, 1))
+    assert not torch.equal(keep, FU.dropout_mask((256, 256), 0.1, 2))
+
+
+def test_saved_activations_are_compact() -> None:
+    """With dropout, backward keeps x (once, shared) and the (N, r) intermediates, no mask copies."""
+    p = 0.1
+    layers = [_layer(p=p, seed=i) for i in range(3)]
+    for m in layers:
+        m.weight.requires_grad_(False)
+        m.bias.requires_grad_(False)
+    x = torch.randn(64, D_IN, requires_grad=True)
+    saved: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sum(m(x) for m in layers)
+    params = {t.data_ptr() for m in layers for t in (m.weight, m.lora_A, m.lora_B)}
+    activations = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in params}
+    assert x.data_ptr() in activations
+    expected = x.numel() * 4 + 3 * 64 * R * 4  # x once + three (N, r) intermediates
+    assert sum(activations.values()) == expected
+
+
+def test_bf16_autocast_matches_plain() -> None:
+    layer = _layer()
+    x = torch.randn(N, D_IN, requires_grad=True)
+    params = [layer.lora_A, layer.lora_B]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, g_f = _grads(layer, params, x)
+        out_p, g_p = _grads(_plain(layer), params, x)
+    assert out_f.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in g_f if g is not None)
+    torch.testing.assert_close(out_f.float(), out_p.float(), rtol=2e-2, atol=5e-2)
+    _assert_close(g_f, g_p, rtol=3e-2, atol=1e-1)
+
+
+def test_bf16_base_without_autocast_falls_back() -> None:
+    layer = _layer().to(torch.bfloat16)
+    layer.lora_A.data = layer.lora_A.data.float()
+    layer.lora_B.data = layer.lora_B.data.float()
+    x = torch.randn(N, D_IN, dtype=torch.bfloat16)
+    assert not FU.fused_eligible(x, layer.weight, layer.lora_A, layer.lora_dropout)
+    torch.testing.assert_close(layer(x), _plain(layer)(x))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradient_checkpointing(p: float) -> None:
+    layers = nn.ModuleList([_layer(p=p, seed=i) for i in range(2)])
+    block = nn.Sequential(layers[0], nn.Tanh(), nn.Linear(D_OUT, D_IN))
+
+    def run(x: Tensor) -> Tensor:
+        return layers[1](block(x))
+    x = torch.randn(N, D_IN, requires_grad=True)
+    params = [t for m in layers for t in (m.lora_A, m.lora_B)]
+    torch.manual_seed(11)
+    out_c, g_c = _grads(lambda x: checkpoint(run, x, use_reentrant=False), params, x)
+    torch.manual_seed(11)
+    out_e, g_e = _grads(run, params, x)
+    with FU.disabled():  # the plain path with the same masks
+        torch.manual_seed(11)
+        k0 = FU.dropout_mask((N, D_IN), p, FU.draw_seed())
+        k1 = FU.dropout_mask((N, D_IN), p, FU.draw_seed())
+        saved = [m.lora_dropout for m in layers]
+        layers[0].lora_dropout, layers[1].lora_dropout = (MaskDropout(k0, FU.keep_scale(p)),
+                                                          MaskDropout(k1, FU.keep_scale(p)))
+        try:
+            out_p, g_p = _grads(run, params, x)
+        finally:
+            layers[0].lora_dropout, layers[1].lora_dropout = saved
+    torch.testing.assert_close(out_c, out_e)
+    _assert_close(g_c, g_e, rtol=1e-6, atol=1e-6)
+    if p:
+        torch.testing.assert_close(out_e, out_p, rtol=1e-5, atol=1e-5)
+        _assert_close(g_e, g_p, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_and_switches() -> None:
+    layer = _layer(p=0.2)
+    layer.eval()
+    x = torch.randn(N, D_IN)
+    with torch.no_grad():
+        ref = _plain(layer)(x)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+        with FU.disabled():
+            assert not FU.fused_eligible(x, layer.weight, layer.lora_A, layer.lora_dropout)
+            torch.testing.assert_close(layer(x), ref)
+    layer.lora_fused = False
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref)
+
+
+def test_custom_dropout_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer()
+    layer.lora_dropout = nn.AlphaDropout(0.1)
+    called: list[bool] = []
+    monkeypatch.setattr(FU, "lora_linear", lambda *a, **k: called.append(True))
+    layer(torch.randn(N, D_IN))
+    assert not called
+
+
+def _compile_check(p: float) -> None:
+    layer = _layer(p=p)
+    x = torch.randn(N, D_IN, requires_grad=True)
+    params = [layer.lora_A, layer.lora_B]
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out_c, g_c = _grads(compiled, params, x)
+    if p == 0.0:
+        out_e, g_e = _grads(layer, params, x)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+        _assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+    else:  # the compiled mask is torch.rand's: check gradients are the dropout-masked ones
+        dropped = (g_c[0] != 0).float().mean()  # lora_A grad exists
+        assert torch.isfinite(out_c).all() and dropped > 0
+
+
+def test_torch_compile_fullgraph_no_dropout() -> None:
+    torch._dynamo.reset()
+    _compile_check(0.0)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_dropout() -> None:
+    torch._dynamo.reset()
+    _compile_check(0.2)
