@@ -63,7 +63,6 @@ def dataclass_init_zero(cfg: LoraConfig) -> LoraConfig:
     return LoraConfig(**{**cfg.to_dict(), "init": "kaiming"})
 
 
-@pytest.mark.slow
 def test_minilm_save_adapter_loads_in_peft(minilm, minilm_base, minilm_inputs, tmp_path):
     lorakit.inject(minilm, LoraConfig(r=4, alpha=8, targets=["query", "value"], trainable=["classifier"],
                                       init="random"))
@@ -81,7 +80,6 @@ def test_minilm_save_adapter_loads_in_peft(minilm, minilm_base, minilm_inputs, t
         assert torch.equal(back(**minilm_inputs).logits, expect)
 
 
-@pytest.mark.slow
 def test_peft_save_pretrained_loads_in_lorakit(minilm, minilm_base, minilm_inputs, tmp_path):
     pm = peft.get_peft_model(minilm, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value", "key"],
                                                      rank_pattern={"key": 2}, modules_to_save=["classifier"]))

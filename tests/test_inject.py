@@ -76,7 +76,6 @@ def test_toy_inject_unwrap_identity(case):
 
 
 # --- MiniLM ----------------------------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("targets", [["query", "value"], "all-linear"], ids=["qv", "all-linear"])
 def test_minilm_injection_matches_peft(minilm, minilm_inputs, targets):
     cfg = LoraConfig(r=4, alpha=8, targets=targets, trainable=["classifier"])
@@ -102,7 +101,6 @@ def test_minilm_injection_matches_peft(minilm, minilm_inputs, targets):
     assert lorakit.trainable_parameters(minilm).trainable == peft_model.get_nb_trainable_parameters()[0]
 
 
-@pytest.mark.slow
 def test_minilm_unwrap_and_base_checkpoint_still_loads(minilm, minilm_base, minilm_inputs):
     base_sd = minilm_base.state_dict()
     lorakit.inject(minilm, LoraConfig(r=2, alpha=4, targets=["query", "value"], init="random"))
@@ -114,7 +112,6 @@ def test_minilm_unwrap_and_base_checkpoint_still_loads(minilm, minilm_base, mini
 
 
 # --- GPT-2 (Conv1D) --------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_gpt2_conv1d_fan_in_fan_out_matches_peft():
     model = make_gpt2()
     ids = {"input_ids": GPT2_IDS}
