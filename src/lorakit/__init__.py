@@ -10,9 +10,12 @@ LoRA into any model, merges exactly, and reads and writes Hugging Face PEFT adap
 """
 
 from . import errors, functional
+from .adapters import (CombineReport, active_adapters, add_adapter, batch_adapters, combine, delete_adapter,
+                       disable_adapters, list_adapters, set_adapter, use_adapter)
 from .config import LoraConfig
-from .errors import (AdapterFormatError, AdapterMismatchError, AdapterNotFoundError, AlreadyInjectedError,
-                     LoraConfigError, LoraError, TargetNotFoundError, UnsupportedModuleError)
+from .errors import (ActiveAdapterError, AdapterFormatError, AdapterMismatchError, AdapterNotFoundError,
+                     AlreadyInjectedError, DuplicateAdapterError, LoraConfigError, LoraError, MixedBatchError,
+                     TargetNotFoundError, UnknownAdapterError, UnsupportedModuleError)
 from .formats import load_adapter, load_loralib_checkpoint, read_adapter, save_adapter
 from .inject import Plan, inject, lora_layers, plan, register_layer, unwrap
 from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoraConv1d, LoraConv2d, LoraConv3d,
@@ -30,4 +33,9 @@ __all__ = [
     "load_loralib_checkpoint", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "merge",
     "merge_and_unload", "plan", "read_adapter", "register_layer", "save_adapter", "trainable_parameters",
     "unmerge", "unwrap",
+]
+__all__ += [
+    "ActiveAdapterError", "CombineReport", "DuplicateAdapterError", "MixedBatchError", "UnknownAdapterError",
+    "active_adapters", "add_adapter", "batch_adapters", "combine", "delete_adapter", "disable_adapters",
+    "list_adapters", "set_adapter", "use_adapter",
 ]

@@ -37,3 +37,19 @@ class AdapterMismatchError(LoraError, ValueError):
 
 class AdapterNotFoundError(LoraError, FileNotFoundError):
     """An adapter path does not exist."""
+
+
+class UnknownAdapterError(LoraError, LookupError):
+    """An adapter name is not registered on the model (the message lists the known ones)."""
+
+
+class DuplicateAdapterError(LoraError, ValueError):
+    """An adapter name is already taken on the model."""
+
+
+class ActiveAdapterError(LoraError, ValueError):
+    """The operation is not allowed on an active adapter (delete it after switching away)."""
+
+
+class MixedBatchError(LoraError, ValueError):
+    """A mixed-adapter batch does not fit: per-row names and batch size differ, or a layer can't do it."""
