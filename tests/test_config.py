@@ -60,7 +60,8 @@ def test_frozen_and_replace():
 
 
 def test_json_round_trip():
-    cfg = LoraConfig(r=4, alpha=8, dropout=0.1, targets=r".*\.(query|value)", exclude=["head"], bias="lora_only",
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.1, targets=r".*\.(query|value)", exclude=["head"],
+                     bias="lora_only",
                      trainable=["classifier"], rank_pattern={"query": 2}, alpha_pattern={"value": 3.0},
                      use_rslora=True, init="gaussian", fused={"qkv": [True, False, True]})
     assert LoraConfig.from_json(cfg.to_json()) == cfg

@@ -10,13 +10,13 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import MLP, TOY_CASES, assert_same_state, state_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import lorakit
 import lorakit.formats as formats
+from conftest import MLP, TOY_CASES, assert_same_state, state_snapshot
 from lorakit import LoraConfig
 from lorakit.errors import AdapterFormatError, AdapterMismatchError, AdapterNotFoundError, LoraError
 
@@ -32,7 +32,8 @@ def test_toy_save_then_load_and_peft_reads_it(case, tmp_path):
     if not case.peft_ok:
         return _roundtrip_lorakit_only(case, model, expect, tmp_path)
     lorakit.save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
     # lorakit reads its own files: injects from the stored config, same tensors and outputs
     fresh = lorakit.load_adapter(case.model(), tmp_path / "a")
     assert _lora_tensors(fresh).keys() == _lora_tensors(model).keys()
@@ -81,7 +82,8 @@ def test_minilm_save_adapter_loads_in_peft(minilm, minilm_base, minilm_inputs, t
 
 
 def test_peft_save_pretrained_loads_in_lorakit(minilm, minilm_base, minilm_inputs, tmp_path):
-    pm = peft.get_peft_model(minilm, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value", "key"],
+    pm = peft.get_peft_model(minilm, peft.LoraConfig(r=4, lora_alpha=16,
+                                                     target_modules=["query", "value", "key"],
                                                      rank_pattern={"key": 2}, modules_to_save=["classifier"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -104,7 +106,8 @@ def test_peft_save_pretrained_loads_in_lorakit(minilm, minilm_base, minilm_input
 def test_peft_embedding_and_conv_adapters_load(tmp_path):
     torch.manual_seed(0)
     base = MLP()
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb", "q_proj"]))
+    pcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb", "q_proj"])
+    pm = peft.get_peft_model(copy.deepcopy(base), pcfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:

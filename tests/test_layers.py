@@ -19,7 +19,8 @@ TOL = 1e-6
 # (id, lorakit constructor, loralib constructor, input factory)
 PAIRS = [
     ("linear", lambda m: m.Linear(6, 5, r=3, lora_alpha=6), lambda: torch.randn(4, 6)),
-    ("linear-fifo", lambda m: m.Linear(6, 5, r=2, lora_alpha=3, fan_in_fan_out=True), lambda: torch.randn(2, 3, 6)),
+    ("linear-fifo", lambda m: m.Linear(6, 5, r=2, lora_alpha=3, fan_in_fan_out=True),
+     lambda: torch.randn(2, 3, 6)),
     ("linear-nobias", lambda m: m.Linear(6, 5, r=4, lora_alpha=4, bias=False), lambda: torch.randn(4, 6)),
     ("embedding", lambda m: m.Embedding(11, 7, r=3, lora_alpha=6), lambda: torch.randint(0, 11, (3, 4))),
     ("embedding-pad", lambda m: m.Embedding(11, 7, r=2, lora_alpha=2, padding_idx=0),

@@ -7,12 +7,12 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import TOY_CASES, bits_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import lorakit
+from conftest import TOY_CASES, bits_equal
 from lorakit import LoraConfig
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -56,7 +56,8 @@ def _linear_pair(dtype: torch.dtype, autocast: bool, out_f: int = 192, in_f: int
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(in_f, out_f, bias=False)).to(dtype)
     ours = lorakit.inject(copy.deepcopy(base), LoraConfig(r=r, alpha=2 * r, targets=["0"], init="random"))
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]),
+    pcfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"])
+    ref = peft.get_peft_model(copy.deepcopy(base), pcfg,
                               autocast_adapter_dtype=autocast)
     layer, pl = ours[0], ref.base_model.model[0]
     with torch.no_grad():  # a realistic trained update, values representable in the base dtype
@@ -82,7 +83,8 @@ def test_half_precision_merge_rounds_once_vs_peft(dtype, autocast, capsys):
     ours_err = (layer.weight.float() - exact32).abs().max().item()
     peft_err = (peft_w.float() - exact32).abs().max().item()
     with capsys.disabled():
-        print(f"\n[{str(dtype)[6:]}, PEFT adapter {'fp32' if autocast else str(dtype)[6:]}] elements differing "
+        name = str(dtype)[6:]
+        print(f"\n[{name}, PEFT adapter {'fp32' if autocast else name}] elements differing "
               f"from the once-rounded exact sum: lorakit {ours_frac:.3%}, PEFT {peft_frac:.3%}; "
               f"max |merged - exact| lorakit {ours_err:.3e}, PEFT {peft_err:.3e}")
     assert bits_equal(layer.weight.detach(), exact) and ours_frac == 0.0
@@ -115,7 +117,8 @@ def test_unmerge_restores_bits_and_merge_and_unload(dtype):
     for k, v in w0.items():
         assert bits_equal(model.state_dict()[k], v), k
     # merge_and_unload keeps no copy of W0 and leaves plain modules with the once-rounded weight
-    expect = {n: (w0[f"{n}.weight"].float() + lay.delta_weight()).to(dtype) for n, lay in lorakit.lora_layers(model)}
+    expect = {n: (w0[f"{n}.weight"].float() + lay.delta_weight()).to(dtype)
+              for n, lay in lorakit.lora_layers(model)}
     plain = lorakit.merge_and_unload(model)
     assert [type(m) for m in plain] == [nn.Linear, nn.GELU, nn.Embedding, nn.Conv2d]
     for n, w in expect.items():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MLP, ConvNet, assert_same_state, state_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import lorakit
+from conftest import MLP, ConvNet, assert_same_state, state_snapshot
 from lorakit import LoraConfig
 from lorakit.errors import LoraConfigError
 
@@ -64,7 +64,8 @@ def test_gradients_reach_only_lora():
 
 
 MODELS = {"mlp": (MLP, lambda: torch.randint(0, 20, (2, 4))), "conv": (ConvNet, lambda: torch.randn(2, 3, 5))}
-TARGETS = {"mlp": [["q_proj"], ["emb", "qkv"], "all-linear", r".*_proj"], "conv": [["c1"], ["c2", "c3"], ["fc"]]}
+TARGETS = {"mlp": [["q_proj"], ["emb", "qkv"], "all-linear", r".*_proj"],
+           "conv": [["c1"], ["c2", "c3"], ["fc"]]}
 
 
 @settings(max_examples=10, deadline=None)
