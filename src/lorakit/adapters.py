@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import re
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -790,28 +791,45 @@ def batch_adapters(model: nn.Module, names_per_row: Sequence[str]) -> Iterator[N
 
 
 def _install_kwarg_hooks(model: nn.Module, reg: _Registry) -> None:
-    """``model(..., adapter_names=[...])`` (and ``generate(..., adapter_names=...)``) run a mixed batch."""
+    """``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` run a mixed batch.
 
-    def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        names = kwargs.pop("adapter_names", None)
-        if names is None:
-            reg.kw_stack.append(None)
-            return None
-        x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if isinstance(x, Tensor) and x.dim() > 0 and len(names) and x.shape[0] % len(names):
-            reg.kw_stack.append(None)
-            raise MixedBatchError(f"adapter_names has {len(names)} entries, the batch {x.shape[0]} rows")
-        ctx = batch_adapters(module, names)
-        ctx.__enter__()
-        reg.kw_stack.append(ctx)
-        return args, kwargs
+    A forward pre-hook pops the kwarg (always-called post-hook ends the block); ``generate`` (which
+    validates its kwargs) gets an instance-level wrapper running it inside :func:`batch_adapters`.
+    """
+    reg.hooks = [model.register_forward_pre_hook(_kw_pre, with_kwargs=True),
+                 model.register_forward_hook(_kw_post, with_kwargs=True, always_call=True)]
+    if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+        model.__dict__["generate"] = types.MethodType(_generate_with_names, model)
 
-    def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        if reg.kw_stack:
-            ctx = reg.kw_stack.pop()
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
 
-    reg.hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                 model.register_forward_hook(post, with_kwargs=True, always_call=True)]
+def _kw_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    stack = _registry(module).kw_stack
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        stack.append(None)
+        return None
+    x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if isinstance(x, Tensor) and x.dim() > 0 and len(names) and x.shape[0] % len(names):
+        stack.append(None)
+        raise MixedBatchError(f"adapter_names has {len(names)} entries, the batch {x.shape[0]} rows")
+    ctx = batch_adapters(module, names)
+    ctx.__enter__()
+    stack.append(ctx)
+    return args, kwargs
 
+
+def _kw_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    stack = _registry(module).kw_stack
+    if stack:
+        ctx = stack.pop()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def _generate_with_names(self: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None,
+                         **kwargs: Any) -> Any:
+    generate = type(self).generate  # type: ignore[attr-defined]
+    if adapter_names is None:
+        return generate(self, *args, **kwargs)
+    with batch_adapters(self, adapter_names):
+        return generate(self, *args, **kwargs)

@@ -1,0 +1,158 @@
+"""Mixed-adapter batches (issue 6): each row its own adapter in one forward, training and generate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.batched import plan_rows
+
+NAMES = ["default", "b", "base", "c", "b", "default", "c", "b"]
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 20)
+        self.fc2 = nn.Linear(20, 20)
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = lorakit.inject(MLP(), LoraConfig(r=4, alpha=8, targets=["fc1", "fc2", "head"], init="random"))
+    lorakit.add_adapter(model, "b", LoraConfig(r=2, alpha=3, targets=["fc2"], init="random"))
+    lorakit.add_adapter(model, "c", LoraConfig(r=6, alpha=6, targets=["fc1", "head"], init="random"))
+    return model
+
+
+def per_row(model: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    rows = []
+    for i, n in enumerate(names):
+        if n == "base":
+            with lorakit.disable_adapters(model):
+                rows.append(model(x[i:i + 1]))
+        else:
+            with lorakit.use_adapter(model, n):
+                rows.append(model(x[i:i + 1]))
+    return torch.cat(rows)
+
+
+def test_plan_rows_contiguous_and_scattered() -> None:
+    p = plan_rows(["a", "a", "b", "b"], ("a", "b"), torch.device("cpu"))
+    assert p is not None and p.gather is None and p.m == 2
+    p = plan_rows(["b", "base", "a", "b"], ("a", "b"), torch.device("cpu"))
+    assert p is not None and p.groups == ("a", "b") and p.m == 2
+    assert p.gather.tolist() == [2, 2, 0, 3] and p.src.tolist() == [0, 2, 3] and p.dst.tolist() == [2, 0, 3]
+    assert plan_rows(["base"], ("a",), torch.device("cpu")) is None
+
+
+def test_mixed_rows_equal_single_rows_mlp() -> None:
+    model = mlp()
+    x = torch.randn(len(NAMES), 3, 12)
+    want = per_row(model, x, NAMES)
+    with torch.no_grad(), lorakit.batch_adapters(model, NAMES):
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # merged model: unmerged for the block, re-merged after, same results
+    lorakit.merge(model)
+    with torch.no_grad(), lorakit.batch_adapters(model, NAMES):
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+    assert model.fc1.merged
+
+
+def test_mixed_batch_gradients_equal_separate_training() -> None:
+    model = mlp()
+    lorakit.set_adapter(model, ["default", "b", "c"])  # all three trainable
+    x, y = torch.randn(len(NAMES), 12), torch.randn(len(NAMES), 5)
+    with lorakit.batch_adapters(model, NAMES):
+        ((model(x) - y) ** 2).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name in ["default", "b", "c"]:
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        with lorakit.use_adapter(model, name):
+            ((model(x[rows]) - y[rows]) ** 2).sum().backward()
+    separate = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(mixed) == set(separate) and len(mixed) == 2 * (3 + 1 + 2)
+    for n in mixed:
+        torch.testing.assert_close(mixed[n], separate[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    lorakit.inject(model, LoraConfig(r=8, alpha=16, targets="all-linear", init="random"))
+    lorakit.add_adapter(model, "b", LoraConfig(r=4, alpha=4, targets=["q_proj", "v_proj"], init="random"))
+    lorakit.add_adapter(model, "c", LoraConfig(r=16, alpha=8, targets=["down_proj", "o_proj"], init="random"))
+    with torch.no_grad():  # make the adapters matter
+        for _, layer in lorakit.lora_layers(model):
+            for s in layer._lora_slots.values():
+                s.B.mul_(20)
+    return model
+
+
+LNAMES = ["b", "default", "base", "c"]
+
+
+def test_llama_forward_and_kwarg_path(llama: nn.Module) -> None:
+    ids = torch.randint(0, 100, (4, 9))
+    want = torch.cat([_row_logits(llama, ids[i:i + 1], n) for i, n in enumerate(LNAMES)])
+    with torch.no_grad(), lorakit.batch_adapters(llama, LNAMES):
+        got = llama(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids, adapter_names=LNAMES).logits, want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(llama(ids).logits, want, atol=1e-3)  # the hook is gone afterwards
+
+
+def _row_logits(model: nn.Module, ids: torch.Tensor, name: str) -> torch.Tensor:
+    with torch.no_grad():
+        if name == "base":
+            with lorakit.disable_adapters(model):
+                return model(ids).logits
+        with lorakit.use_adapter(model, name):
+            return model(ids).logits
+
+
+def _row_generate(model: nn.Module, ids: torch.Tensor, name: str, **kw: object) -> torch.Tensor:
+    if name == "base":
+        with lorakit.disable_adapters(model):
+            return model.generate(ids, **kw)
+    with lorakit.use_adapter(model, name):
+        return model.generate(ids, **kw)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_llama_generate_mixed(llama: nn.Module, beams: int) -> None:
+    torch.manual_seed(1)
+    ids = torch.randint(1, 100, (4, 5))
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=beams, pad_token_id=0)
+    want = torch.cat([_row_generate(llama, ids[i:i + 1], n, **kw) for i, n in enumerate(LNAMES)])
+    with lorakit.batch_adapters(llama, LNAMES):
+        got = llama.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert torch.equal(llama.generate(ids, adapter_names=LNAMES, **kw), want)
+
+
+def test_llama_mixed_train_step(llama: nn.Module) -> None:
+    model = copy.deepcopy(llama).train()
+    lorakit.set_adapter(model, ["default", "b", "c"])
+    ids = torch.randint(0, 100, (4, 7))
+    with lorakit.batch_adapters(model, LNAMES):
+        model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(("lora_" in n) for n in grads)
+    assert any(n.endswith(".b") for n in grads) and any(n.endswith(".c") for n in grads)
