@@ -295,3 +295,13 @@ def test_no_lambda_dropout_and_scaling():
     assert layer.scaling == 2.0
     inj = lora.Linear.from_module(nn.Linear(4, 3), r=4, lora_alpha=8, use_rslora=True)
     assert inj.scaling == pytest.approx(8 / math.sqrt(4))
+
+
+@pytest.mark.parametrize("ctor", [lambda: lora.Embedding(5, 4, r=2, fan_in_fan_out=True),
+                                  lambda: lora.Conv2d(3, 4, 3, r=2, fan_in_fan_out=True),
+                                  lambda: lora.Conv1d(3, 4, 3, r=2, fan_in_fan_out=True)],
+                         ids=["embedding", "conv2d", "conv1d"])
+def test_fan_in_fan_out_on_a_layer_that_cannot_have_it(ctor):
+    with pytest.raises(LoraConfigError, match="fan_in_fan_out=True is only valid for Linear"):
+        ctor()
+    lora.Embedding(5, 4, r=2, fan_in_fan_out=False)  # the harmless value is accepted

@@ -231,6 +231,13 @@ def _after_load(module: LoraLayer, incompatible_keys: Any) -> None:
     module._lora_remerge = False
 
 
+def _reject_fan_in_fan_out(name: str, kwargs: dict[str, Any]) -> None:
+    """Only Linear-like layers store a transposed weight; say so instead of torch's TypeError."""
+    if kwargs.pop("fan_in_fan_out", False):
+        raise LoraConfigError(f"{name}: fan_in_fan_out=True is only valid for Linear and MergedLinear "
+                              "(weights stored (in, out), as GPT-2's Conv1D); drop it for this layer")
+
+
 def _adopt(new: nn.Module, base: nn.Module, attrs: Sequence[str]) -> None:
     """Make ``new`` (built with ``__new__``) share ``base``'s Parameters and hyper-parameters."""
     nn.Module.__init__(new)
@@ -385,6 +392,7 @@ class Embedding(LoraLayer, nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, **kwargs: Any) -> None:
+        _reject_fan_in_fan_out(type(self).__name__, kwargs)
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(r, lora_alpha, 0.0, merge_weights)
         if r > 0:
@@ -481,6 +489,7 @@ class ConvLoRA(_ConvLoraMixin, nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...], r: int = 0,
                  lora_alpha: float = 1, lora_dropout: float = 0.0, merge_weights: bool = True,
                  **kwargs: Any) -> None:
+        _reject_fan_in_fan_out(type(self).__name__, kwargs)
         nn.Module.__init__(self)
         self.conv = self.conv_cls(in_channels, out_channels, kernel_size, **kwargs)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
