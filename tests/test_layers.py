@@ -305,3 +305,17 @@ def test_fan_in_fan_out_on_a_layer_that_cannot_have_it(ctor):
     with pytest.raises(LoraConfigError, match="fan_in_fan_out=True is only valid for Linear"):
         ctor()
     lora.Embedding(5, 4, r=2, fan_in_fan_out=False)  # the harmless value is accepted
+
+
+@pytest.mark.xfail(reason="lorakit.fused caches the dropout mask by input identity: a second forward on the "
+                          "same tensor reuses it (reported to the fused-path owner)", strict=False)
+def test_each_forward_draws_a_fresh_dropout_mask():
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 8, r=4, lora_alpha=8, lora_dropout=0.5)
+    _randomize_lora(layer, layer)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        outs = torch.stack([layer.train()(x) for _ in range(2000)])
+        expect = layer.eval()(x)
+    assert not torch.equal(outs[0], outs[1])
+    assert (outs.mean(0) - expect).abs().max() < 0.1  # inverted dropout is unbiased
