@@ -57,7 +57,7 @@ def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
 
 def _fused_to_dense(layer: MergedLinear) -> tuple[Tensor, Tensor]:
     """Write the fused slices as one rank r*k pair with a block-structured, zero-padded B."""
-    n, r = len(layer.enable_lora), layer.r
+    k, n, r = sum(layer.enable_lora), len(layer.enable_lora), layer.r
     rows = layer.out_features // n
     B = layer.lora_B.detach().new_zeros((layer.out_features, r * k))
     for j, slice_idx in enumerate(i for i, e in enumerate(layer.enable_lora) if e):
