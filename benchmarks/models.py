@@ -1,0 +1,69 @@
+"""Model workloads shared by the MiniLM / SmolLM2 scripts: build a variant, return its train step."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from benchmarks.harness import freeze, minilm_dir, smollm2_dir, swap_loralib, trainable
+
+SMOL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load(name: str, smoke: bool) -> nn.Module:
+    """MiniLM for sequence classification or SmolLM2-135M causal LM (a 2-layer slice when smoke)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    if name == "minilm":
+        kw = {"num_hidden_layers": 1} if smoke else {}
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, **kw)
+    else:
+        kw = {"num_hidden_layers": 2} if smoke else {}
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32, **kw)
+    model.config.use_cache = False
+    return model
+
+
+def apply_variant(model: nn.Module, variant: str, targets: Sequence[str], r: int, alpha: float,
+                  dropout: float) -> nn.Module:
+    """floor: frozen; full: all trainable; lorakit / lorakit-plain / loralib / peft: LoRA on ``targets``."""
+    if variant == "full":
+        return model
+    freeze(model)
+    if variant in ("lorakit", "lorakit-plain"):
+        import lorakit
+        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=list(targets)))
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_fused = variant == "lorakit"
+    elif variant == "loralib":
+        swap_loralib(model, targets, r, alpha, dropout)
+    elif variant == "peft":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                           target_modules=list(targets)))
+    return model
+
+
+def train_step(name: str, variant: str, args: argparse.Namespace, targets: Sequence[str], r: int,
+               alpha: float, dropout: float, batch: int, seq: int) -> Callable[[], None]:
+    """One optimizer-free train step (forward, loss, backward, zero grads) of ``variant``."""
+    if args.smoke:
+        batch, seq = 2, 16
+    model = apply_variant(load(name, args.smoke), variant, targets, r, alpha, dropout)
+    model.train()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq))
+    params = trainable(model)
+    if variant == "floor":  # backprop to the input: the embeddings' output requires grad
+        emb = model.get_input_embeddings()
+        emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    labels = ids if name == "smollm2" else torch.randint(0, 2, (batch,))
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        for p in params:
+            p.grad = None
+    return step
