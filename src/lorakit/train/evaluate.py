@@ -128,7 +128,7 @@ def generate(
                 eos_token_id=tokenizer.eos_token_id,
             )
         for row in gen[:, width:]:
-            outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            outs.append(" ".join(tokenizer.decode(row, skip_special_tokens=True).split()))
     model.train(was_training)
     return outs
 

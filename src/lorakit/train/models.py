@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorakit.train.errors import ModelLoadError
 
 
@@ -134,7 +136,11 @@ def load_model(src: ModelSource, kind: str, num_labels: int = 2) -> Any:
             model = tf.AutoModelForSequenceClassification.from_pretrained(str(src.path), **kw)
     except Exception as exc:
         raise ModelLoadError(f"cannot load a {kind} model from {src.path}: {exc}") from exc
-    model = model.float()
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        try:
+            model = model.float()
+        except ValueError:  # GGUF models are flagged "quantized" although dequantized on load
+            pass
     if getattr(model.config, "pad_token_id", None) is None:
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
