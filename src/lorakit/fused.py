@@ -245,12 +245,14 @@ class FusedLoraLinear(torch.autograd.Function):
             gx = None
             if need_x:
                 w = weight.to(cdt)
-                gx = g @ (w.transpose(0, 1) if fifo else w)  # (N, out) @ (out, in) -> (N, in)
+                gx_full = torch.empty(x_shape, dtype=cdt, device=g.device)  # a base tensor, not a view:
+                gx = gx_full.view(-1, in_f)  # autograd can then take it as x.grad without a copy
+                torch.mm(g, w.transpose(0, 1) if fifo else w, out=gx)  # (N, out) @ (out, in) -> (N, in)
                 if mask is None:
                     gx.addmm_(gt, Ac)  # (N, r*k) @ (r*k, in), added in place
                 else:
                     gx.add_((gt @ Ac).masked_fill_(~mask, 0))  # dropout's backward: same mask
-                gx = gx.view(x_shape).to(x_dtype)
+                gx = gx_full.to(x_dtype)
             gw = None
             if need_w:
                 gw = (x2.transpose(0, 1) @ g) if fifo else (g.transpose(0, 1) @ x2)  # (in,out) or (out,in)
