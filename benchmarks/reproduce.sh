@@ -18,7 +18,9 @@ RANK_STEPS=${RANK_STEPS:-300}
 E2E_STEPS=${E2E_STEPS:-60}           # SmolLM2 is ~6x MiniLM's size and sequences are longer
 E2E_MRS=${E2E_MRS:-25}               # dev MRs decoded for BLEU (beam search is the slow part)
 SEED=${SEED:-0}
-LK=${LORAKIT:-lorakit}
+TASKS=${TASKS:-sst2 mrpc rte cola stsb}  # GLUE tasks to run
+RANKS=${RANKS:-1 2 4 8 64}               # LoRA ranks of the SST-2 sweep
+LK=${LORAKIT:-$(command -v lorakit || echo "python -m lorakit")}
 
 if [ ! -d "$DATA/glue" ]; then
   echo "shared data not found at $DATA (set DATA=...); nothing to reproduce" >&2
@@ -31,7 +33,7 @@ lr_for() { case "$1" in lora) echo 5e-4 ;; full) echo 5e-5 ;; head) echo 1e-3 ;;
 len_for() { case "$1" in sst2|cola) echo 64 ;; *) echo 128 ;; esac; }
 
 glue() {
-  for task in sst2 mrpc rte cola stsb; do
+  for task in $TASKS; do
     for method in lora full head; do
       run="$OUT/$task-$method"
       [ -f "$run/results.json" ] && { echo "skip $run (done)"; continue; }
@@ -45,7 +47,7 @@ glue() {
 }
 
 rank() {
-  for r in 1 2 4 8 64; do
+  for r in $RANKS; do
     run="$OUT/sst2-rank$r"
     [ -f "$run/results.json" ] && { echo "skip $run (done)"; continue; }
     echo "== sst2 / lora r=$r"
