@@ -105,7 +105,7 @@ class _DropGroup:
     backward members share the regenerated ones until all ``members`` have run their backward.
     """
 
-    __slots__ = ("seed", "p", "ref", "version", "keep", "masked", "members", "done", "__weakref__")
+    __slots__ = ("seed", "p", "ref", "version", "keep", "masked", "members", "done", "users", "__weakref__")
 
     def __init__(self, x: Tensor, p: float) -> None:
         self.seed = draw_seed()
@@ -117,9 +117,11 @@ class _DropGroup:
             self.masked: Tensor | None = x.masked_fill(~self.keep, 0)
         self.members = 0
         self.done = 0
+        self.users: set[int] = set()  # adapters (id of A) that already drew from this mask
 
-    def matches(self, x: Tensor, p: float) -> bool:
-        return self.ref() is x and self.version == x._version and self.p == p and self.keep is not None
+    def matches(self, x: Tensor, p: float, user: int) -> bool:
+        return (self.ref() is x and self.version == x._version and self.p == p and self.keep is not None
+                and user not in self.users)
 
     def release(self) -> None:
         self.keep = self.masked = None
@@ -141,14 +143,18 @@ class _DropGroup:
 _current: list[_DropGroup | None] = [None]
 
 
-def _group_for(x: Tensor, p: float) -> _DropGroup:
-    """The current group when ``x`` is the tensor it was made for, else a new one (frees the old)."""
+def _group_for(x: Tensor, p: float, user: int) -> _DropGroup:
+    """The current group when ``x`` is the tensor it was made for and ``user`` (a layer's adapter)
+    has not drawn from it yet, else a new one (frees the old): siblings share a mask, a second
+    forward of the same layer on the same tensor gets a fresh one."""
     g = _current[0]
-    if g is not None and g.matches(x, p):
+    if g is not None and g.matches(x, p, user):
+        g.users.add(user)
         return g
     if g is not None:
         g.release()  # its forward siblings are done; backward regenerates from the seed
     g = _DropGroup(x, p)
+    g.users.add(user)
     _current[0] = g
     return g
 
@@ -303,7 +309,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         if torch.compiler.is_compiling():
             keep = torch.rand_like(x, dtype=torch.float32) >= keep_threshold(p) / _LEVELS
         else:
-            group = _group_for(x, p)
+            group = _group_for(x, p, id(A))
     if not needs_graph:
         with torch.no_grad():
             return FusedLoraLinear.forward(_NoCtx(), x, weight, bias, A, B, keep, scaling, p, slices,
