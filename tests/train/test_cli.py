@@ -283,3 +283,23 @@ def test_e2e_train_generate_bleu(
     )
     ev = json.loads(capsys.readouterr().out)
     assert ev["n_mrs"] == 2 and "bleu" in ev and "loss" in ev
+
+
+@pytest.mark.slow
+def test_demo_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.train.config import DemoConfig
+    from lorakit.train.demo import run_demo, sample_path
+
+    lines = sample_path().read_text().splitlines()[1:]
+    assert len(lines) == 300 and sum(ln.endswith("\t1") for ln in lines) == 150
+    out = run_demo(DemoConfig.build({"output_dir": str(tmp_path / "demo"), "epochs": 1.0, "progress": False}))
+    text = capsys.readouterr().out
+    for needle in (
+        "trainable parameters: 74,498",
+        "accuracy before",
+        "accuracy after",
+        "saved adapter",
+        "merged vs unmerged",
+    ):
+        assert needle in text
+    assert out["merge_diff"] < 1e-4 and out["adapter_bytes"] * 100 < out["model_bytes"]

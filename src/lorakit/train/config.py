@@ -364,7 +364,7 @@ class DemoConfig(BaseConfig):
     """Options of ``lorakit demo``."""
 
     output_dir: str = opt("runs/demo", "where the demo writes its run (adapter, metrics, loss.png)")
-    epochs: float = opt(4.0, "training epochs over the demo's training split", lo=0.0, lo_open=True)
+    epochs: float = opt(8.0, "training epochs over the demo's training split", lo=0.0, lo_open=True)
     lr: float = opt(1e-3, "LoRA learning rate", lo=0.0, lo_open=True)
     r: int = opt(8, "LoRA rank", lo=1)
     seed: int = opt(0, "random seed")

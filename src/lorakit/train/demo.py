@@ -87,7 +87,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
             "eval_file": str(out / "test.tsv"),
             "output_dir": str(out / "run"),
             "overwrite": True,
-            "eval_every": 0,
+            "eval_every": 14,  # once per epoch (224 sentences / batch 16)
             "log_every": 2,
             "progress": cfg.progress,
         }
