@@ -149,6 +149,8 @@ class _Registry:
     layers: list[tuple[str, LoraLayer]] = field(default_factory=list)
     kw_stack: list[Any] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
+    #: per layer, the last no-grad stack of mixed-batch weights (reused across blocks / generate calls)
+    stacks: dict[int, tuple[Any, ...]] = field(default_factory=dict)
 
 
 def _registry(model: nn.Module) -> _Registry:
@@ -470,6 +472,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del layer.lora_named_A[name]  # type: ignore[attr-defined]
             del layer.lora_named_B[name]  # type: ignore[attr-defined]
     del reg.configs[name]
+    reg.stacks.clear()
 
 
 # --- save / load ---------------------------------------------------------------------------------
@@ -685,7 +688,6 @@ class _MixedBatch:
         self.names = list(names)
         self.used = list(dict.fromkeys(n for n in self.names if n != BASE))
         self.plans: dict[tuple[tuple[str, ...], int], RowPlan | None] = {}
-        self.cache: dict[tuple[int, tuple[str, ...]], tuple[tuple[int, ...], Tensor, Tensor, Tensor]] = {}
         self.saved: list[tuple[LoraLayer, Any, bool]] = []
         self.handles: list[Any] = []
 
@@ -713,15 +715,14 @@ class _MixedBatch:
         if torch.is_grad_enabled() and any(a.requires_grad for a in As + Bs):
             A, B = stack_pairs(As, Bs)
             return A, B, scale
-        versions = tuple(t._version for t in As + Bs)
-        key = (id(layer), groups)
-        hit = self.cache.get(key)
-        if hit is None or hit[0] != versions:
+        versions = tuple(t._version for t in As + Bs) + tuple(id(t) for t in As)
+        hit = self.reg.stacks.get(id(layer))
+        if hit is None or hit[0] != groups or hit[1] != versions:
             with torch.no_grad():
                 A, B = stack_pairs([a.detach() for a in As], [b.detach() for b in Bs])
-            hit = (versions, A, B, scale)
-            self.cache[key] = hit
-        return hit[1], hit[2], hit[3]
+            hit = (groups, versions, A, B, scale)
+            self.reg.stacks[id(layer)] = hit
+        return hit[2], hit[3], hit[4]
 
     def enter(self) -> None:
         todo = []
