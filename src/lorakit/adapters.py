@@ -707,22 +707,26 @@ class _MixedBatch:
             self.plans[key] = plan_rows(self.row_names(bsz), available, device)
         return self.plans[key]
 
-    def weights(self, layer: LoraLayer, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    def weights(self, layer: LoraLayer, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Transposed stacks ``(G, in, r)``, ``(G, r, out)`` and the scale (None when folded into B)."""
         slots = [layer.__dict__["_lora_slots"][g] for g in groups]
         As, Bs = [s.A for s in slots], [s.B for s in slots]
-        scale = torch.tensor([s.scaling for s in slots], dtype=As[0].dtype, device=As[0].device)
-        scale = scale.view(-1, 1, 1)
         if torch.is_grad_enabled() and any(a.requires_grad for a in As + Bs):
             A, B = stack_pairs(As, Bs)
-            return A, B, scale
+            scale = torch.tensor([s.scaling for s in slots], dtype=A.dtype, device=A.device).view(-1, 1, 1)
+            return A.transpose(1, 2), B.transpose(1, 2), scale
         versions = tuple(t._version for t in As + Bs) + tuple(id(t) for t in As)
         hit = self.reg.stacks.get(id(layer))
         if hit is None or hit[0] != groups or hit[1] != versions:
             with torch.no_grad():
                 A, B = stack_pairs([a.detach() for a in As], [b.detach() for b in Bs])
-            hit = (groups, versions, A, B, scale)
+                scale = torch.tensor([s.scaling for s in slots], dtype=A.dtype, device=A.device)
+                scale = scale.view(-1, 1, 1)
+                At = A.transpose(1, 2).contiguous()
+                Bt = (B * scale).transpose(1, 2).contiguous()
+            hit = (groups, versions, At, Bt)
             self.reg.stacks[id(layer)] = hit
-        return hit[2], hit[3], hit[4]
+        return hit[2], hit[3], None
 
     def enter(self) -> None:
         todo = []
@@ -750,13 +754,13 @@ class _MixedBatch:
             plan = self.plan(avail, x.shape[0], x.device)
             if plan is None:
                 return out
-            A, B, scale = self.weights(layer, plan.groups)
+            At, Bt, scale = self.weights(layer, plan.groups)
             drops = [slots[g].dropout for g in plan.groups]
             if all(isinstance(d, nn.Identity) for d in drops):
                 drops = []
             elif len({getattr(d, "p", 0.0) for d in drops}) == 1:
                 drops = drops[:1]
-            return mixed_linear_delta(x, out, plan, A, B, scale, drops)
+            return mixed_linear_delta(x, out, plan, At, Bt, scale, drops)
 
         return hook
 

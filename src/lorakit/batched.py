@@ -12,8 +12,8 @@ Only activations are gathered (cheap), each adapter's weights are read once. Whe
 each adapter are contiguous and equally many, no gather or scatter is needed at all.
 
 In grad mode the stacks are built from the Parameters in every forward, so autograd sends each
-row's gradient to its own adapter only; without grad they are built once and cached (rebuilt when
-an adapter's ``_version`` changes).
+row's gradient to its own adapter only; without grad they are built once, transposed for the
+matmuls with the scaling folded into B, and cached (rebuilt when an adapter's ``_version`` changes).
 """
 
 from __future__ import annotations
@@ -82,27 +82,29 @@ def stack_pairs(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Ten
     return torch.stack(list(As)), torch.stack(list(Bs))
 
 
-def mixed_linear_delta(x: Tensor, out: Tensor, plan: RowPlan, A: Tensor, B: Tensor, scale: Tensor | float,
+def mixed_linear_delta(x: Tensor, out: Tensor, plan: RowPlan, At: Tensor, Bt: Tensor, scale: Tensor | None,
                        dropouts: Sequence[nn.Module] | None = None) -> Tensor:
     """``out`` plus each row's own low-rank path (see the module docstring).
 
-    ``x`` is (batch, ..., in), ``out`` the base output (batch, ..., out); ``A`` (G, r, in),
-    ``B`` (G, out, r) and ``scale`` (G, 1, 1) or a float follow ``plan.groups``. ``dropouts`` (one
-    per group, or one for all) act on the low-rank path's input.
+    ``x`` is (batch, ..., in), ``out`` the base output (batch, ..., out); ``At`` (G, in, r) and
+    ``Bt`` (G, r, out) are the transposed stacks following ``plan.groups``, ``scale`` (G, 1, 1)
+    multiplies the result (None: already folded into ``Bt``). ``dropouts`` (one per group, or one
+    for all) act on the low-rank path's input.
     """
     bsz, in_f, out_f = x.shape[0], x.shape[-1], out.shape[-1]
     g, m = len(plan.groups), plan.m
     xb = x.reshape(bsz, -1, in_f)  # (batch, T, in)
     t_len = xb.shape[1]
     xg = xb if plan.gather is None else xb.index_select(0, plan.gather)
-    xg = xg.reshape(g, m * t_len, in_f).to(A.dtype)  # (G, M*T, in)
+    xg = xg.reshape(g, m * t_len, in_f).to(At.dtype)  # (G, M*T, in)
     if dropouts:
         if len(dropouts) == 1:
             xg = dropouts[0](xg)
         else:
             xg = torch.stack([d(xg[i]) for i, d in enumerate(dropouts)])
-    y = torch.bmm(torch.bmm(xg, A.transpose(1, 2)), B.transpose(1, 2))  # (G, M*T, r) -> (G, M*T, out)
-    y = y * scale
+    y = torch.bmm(torch.bmm(xg, At), Bt)  # (G, M*T, r) -> (G, M*T, out)
+    if scale is not None:
+        y = y * scale
     if plan.gather is None:
         return out + y.view(out.shape).to(out.dtype)
     y = y.view(g * m, t_len, out_f).index_select(0, plan.src)  # (rows with an adapter, T, out)
