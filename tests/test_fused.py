@@ -63,10 +63,17 @@ def _plain(layer: lorakit.Linear, dropout: nn.Module | None = None):
     return run
 
 
+@pytest.fixture(params=["add", "fold"])
+def fold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a test with the low-rank product added per row ("add") and folded into W' ("fold")."""
+    monkeypatch.setattr(FU, "FOLD_ROWS_FACTOR", 0.0 if request.param == "fold" else float("inf"))
+    return request.param == "fold"
+
+
 @pytest.mark.parametrize("fifo", [False, True])
 @pytest.mark.parametrize("train", ["lora", "bias", "full"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_linear_matches_plain(fifo: bool, train: str, p: float) -> None:
+def test_linear_matches_plain(fifo: bool, train: str, p: float, fold: bool) -> None:
     layer = _layer(fifo, p)
     layer.weight.requires_grad_(train == "full")
     layer.bias.requires_grad_(train in ("bias", "full"))
@@ -92,7 +99,7 @@ def test_no_input_grad_when_not_needed() -> None:
 
 @pytest.mark.parametrize("fifo", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_merged_linear_matches_plain(fifo: bool, p: float) -> None:
+def test_merged_linear_matches_plain(fifo: bool, p: float, fold: bool) -> None:
     torch.manual_seed(0)
     layer = lorakit.MergedLinear(D_IN, 3 * D_OUT, r=R, lora_alpha=8, lora_dropout=p,
                                  enable_lora=[True, False, True], fan_in_fan_out=fifo, merge_weights=False)
@@ -138,7 +145,8 @@ def test_dropout_mask_statistics() -> None:
 
 
 def test_saved_activations_are_compact() -> None:
-    """With dropout, backward keeps x (once, shared) and the (N, r) intermediates, no mask copies."""
+    """With dropout, backward keeps the masked input (once, shared by the siblings, in place of x) and
+    the (N, r) intermediates, no mask copies."""
     p = 0.1
     layers = [_layer(p=p, seed=i) for i in range(3)]
     for m in layers:
@@ -154,12 +162,13 @@ def test_saved_activations_are_compact() -> None:
         sum(m(x) for m in layers)
     params = {t.data_ptr() for m in layers for t in (m.weight, m.lora_A, m.lora_B)}
     activations = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in params}
-    assert x.data_ptr() in activations
-    expected = x.numel() * 4 + 3 * 64 * R * 4  # x once + three (N, r) intermediates
+    assert x.data_ptr() not in activations
+    assert sorted(activations.values()) == [64 * R * 4] * 3 + [x.numel() * 4]
+    expected = x.numel() * 4 + 3 * 64 * R * 4  # masked x once + three (N, r) intermediates
     assert sum(activations.values()) == expected
 
 
-def test_bf16_autocast_matches_plain() -> None:
+def test_bf16_autocast_matches_plain(fold: bool) -> None:
     layer = _layer()
     x = torch.randn(N, D_IN, requires_grad=True)
     params = [layer.lora_A, layer.lora_B]
@@ -182,7 +191,7 @@ def test_bf16_base_without_autocast_falls_back() -> None:
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_gradient_checkpointing(p: float) -> None:
+def test_gradient_checkpointing(p: float, fold: bool) -> None:
     layers = nn.ModuleList([_layer(p=p, seed=i) for i in range(2)])
     block = nn.Sequential(layers[0], nn.Tanh(), nn.Linear(D_OUT, D_IN))
 
@@ -212,7 +221,7 @@ def test_gradient_checkpointing(p: float) -> None:
         _assert_close(g_e, g_p, rtol=1e-5, atol=1e-5)
 
 
-def test_inference_and_switches() -> None:
+def test_inference_and_switches(fold: bool) -> None:
     layer = _layer(p=0.2)
     layer.eval()
     x = torch.randn(N, D_IN)
@@ -251,7 +260,7 @@ def _compile_check(p: float) -> None:
         assert torch.isfinite(out_c).all() and dropped > 0
 
 
-def test_torch_compile_fullgraph_no_dropout() -> None:
+def test_torch_compile_fullgraph_no_dropout(fold: bool) -> None:
     torch._dynamo.reset()
     _compile_check(0.0)
 
@@ -260,3 +269,40 @@ def test_torch_compile_fullgraph_no_dropout() -> None:
 def test_torch_compile_fullgraph_dropout() -> None:
     torch._dynamo.reset()
     _compile_check(0.2)
+
+
+def test_fold_is_chosen_by_size_and_only_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """W' = W + s B A is built when the rows outnumber the widths enough, never with dropout."""
+    assert FU.fold_pays(4096, 768, 768) and not FU.fold_pays(512, 576, 1536) and not FU.fold_pays(1, 768, 768)
+    calls: list[tuple[int, ...]] = []
+    real = FU.folded_weight
+
+    def spy(w: Tensor, *a: object) -> Tensor:
+        calls.append(tuple(w.shape))
+        return real(w, *a)
+    monkeypatch.setattr(FU, "folded_weight", spy)
+    for p, n, expect in [(0.0, 4 * D_OUT, 2), (0.0, 2, 0), (0.3, 4 * D_OUT, 0)]:
+        calls.clear()
+        layer = _layer(p=p)
+        x = torch.randn(n, D_IN, requires_grad=True)
+        layer(x).sum().backward()  # fold: W' built in forward and rebuilt in backward (not saved)
+        assert len(calls) == expect, (p, n, calls)
+        with torch.no_grad():
+            calls.clear()
+            layer.eval()
+            layer(x)
+            assert len(calls) == (1 if n > 2 else 0)
+
+
+def test_fold_saves_no_weight_sized_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folded weight is rebuilt in backward, not kept: saved activations are x and (N, r)."""
+    monkeypatch.setattr(FU, "FOLD_ROWS_FACTOR", 0.0)
+    layer = _layer()
+    layer.weight.requires_grad_(False)
+    x = torch.randn(64, D_IN, requires_grad=True)
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    params = {t.data_ptr() for t in (layer.weight, layer.lora_A, layer.lora_B)}
+    sizes = sorted(t.numel() for t in saved if t.data_ptr() not in params)
+    assert sizes == [64 * R, 64 * D_IN]
