@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-counts", type=int, nargs="*", default=list(COUNTS), help="PEFT mixed batch sizes")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, time.process_time: robust to other processes on a shared machine")
     args = ap.parse_args(argv)
-    setup_torch(args.threads)
+    setup_torch(1 if args.cpu_time else args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     t0 = time.perf_counter()
     base = load_model()
     load_s = time.perf_counter() - t0
@@ -166,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     for rnd in range(1, args.reps + 1):
         for kind, name, setup, step in jobs:
             setup()
-            t = time.perf_counter()
+            t = clock()
             step()
-            ms = (time.perf_counter() - t) * 1e3
+            ms = (clock() - t) * 1e3
             if rnd:
                 times.setdefault((kind, name), []).append(ms)
             print(f"  round {rnd} {kind} {name}: {ms:.0f} ms", file=sys.stderr, flush=True)
@@ -217,7 +220,7 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, float]], switch_ms
            peft_switch: float, peft_load: float, n_layers: int, load_s: float) -> str:
     lines = [f"SmolLM2-135M fp32, all-linear r={args.rank} ({n_layers} layers), batch of {ROWS} rows, "
              f"row i uses adapter i % K (interleaved); torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; "
+             f"{torch.get_num_threads()} thread(s), {'CPU' if args.cpu_time else 'wall'} time; "
              f"median of {args.reps} interleaved round(s) after a warm-up; model load {load_s:.1f} s.", ""]
     what = {"generate": f"greedy generation, prompt {args.prompt}, {args.new_tokens} new tokens",
             "prefill": f"prefill forward, {args.prefill} tokens, no grad",

@@ -401,9 +401,25 @@ def _match(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, L
     return found
 
 
-def _stage(model: nn.Module, name: str, config: LoraConfig, init: bool) -> _Staged:
+def _exact(specs: dict[str, LayerSpec],
+           modules: dict[str, nn.Module]) -> list[tuple[str, nn.Module, LayerSpec]]:
+    """Targets given as full module names with their specs (a loaded file): direct lookups."""
+    out = []
+    for name, spec in specs.items():
+        m = modules[name]
+        if isinstance(m, MergedLinear):
+            spec = replace(spec, enable=m.enable_lora)
+        elif not isinstance(m, LoraLayer) and factory_for(m) is None:
+            raise UnsupportedModuleError(f"module {name!r}: type {type(m).__name__} is not supported")
+        out.append((name, m, spec))
+    return out
+
+
+def _stage(model: nn.Module, name: str, config: LoraConfig, init: bool,
+           exact: tuple[dict[str, LayerSpec], dict[str, nn.Module]] | None = None) -> _Staged:
     staged = _Staged(name, config, {}, {})
-    for mod_name, m, spec in _match(model, config):
+    found = _exact(*exact) if exact is not None else _match(model, config)
+    for mod_name, m, spec in found:
         if isinstance(m, LoraLayer):
             layer = m
             slot = _new_slot(layer, spec)
@@ -529,13 +545,10 @@ def load_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | No
             ranks[m] = a.shape[0] // max(1, sum(fused or (True,)))
     if problems:
         raise AdapterMismatchError(f"{path}: adapter does not fit the model:\n  " + "\n  ".join(problems))
-    esc = {m: re.escape(m) for m in ranks}
-    spec_cfg = replace(config, targets=tuple(ranks), exclude=(),
-                       rank_pattern={esc[m]: r for m, r in ranks.items()},
-                       alpha_pattern={esc[m]: config.alpha_for(m) for m in ranks}, trainable=(), bias="none",
-                       fused={esc[m]: v for m, v in config.fused.items() if m in ranks})
+    specs = {m: LayerSpec(r, config.alpha_for(m), config.dropout, config.use_rslora, config.init,
+                          config.fused_for(m)) for m, r in ranks.items()}
     try:
-        staged = _stage(model, name, spec_cfg, init=False)
+        staged = _stage(model, name, config, init=False, exact=(specs, modules))
     except (TargetNotFoundError, LoraConfigError, UnsupportedModuleError) as e:
         raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
     values: dict[str, tuple[Tensor, Tensor]] = {}
