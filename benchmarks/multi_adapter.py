@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-counts", type=int, nargs="*", default=list(COUNTS), help="PEFT mixed batch sizes")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--kinds", nargs="*", default=["generate", "prefill", "train"], help="workloads to run")
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, time.process_time: robust to other processes on a shared machine")
     args = ap.parse_args(argv)
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in COUNTS:
         names = row_names(k)
         put("train", f"lorakit mixed {k}", train(lk, names), lk_mode(list(dict.fromkeys(names)), True))
+    jobs = [j for j in jobs if j[0] in args.kinds]
     # interleaved rounds (the machine is shared: drift hits every variant alike) after one warm-up
     for kind, name, setup, step in jobs:
         if name == "lorakit single" or (kind == "train" and name.endswith(" 1")):
@@ -226,6 +228,8 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, float]], switch_ms
             "prefill": f"prefill forward, {args.prefill} tokens, no grad",
             "train": f"train step (forward + backward), {args.prefill} tokens"}
     for kind, rows in res.items():
+        if not rows:
+            continue
         single = rows.get("lorakit single")
         base = rows.get("base")
         peft_by_k = {k: rows.get(f"peft mixed {k}") for k in COUNTS}

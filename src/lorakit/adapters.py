@@ -732,11 +732,15 @@ class _MixedBatch:
         hit = self.reg.stacks.get(id(layer))
         if hit is None or hit[0] != groups or hit[1] != versions:
             with torch.no_grad():
-                A, B = stack_pairs([a.detach() for a in As], [b.detach() for b in Bs])
-                scale = torch.tensor([s.scaling for s in slots], dtype=A.dtype, device=A.device)
-                scale = scale.view(-1, 1, 1)
-                At = A.transpose(1, 2).contiguous()
-                Bt = (B * scale).transpose(1, 2).contiguous()
+                r_max = max(a.shape[0] for a in As)
+                if all(a.shape[0] == r_max for a in As):  # one copy each, already transposed
+                    At = torch.stack([a.detach().t() for a in As])
+                    Bt = torch.stack([b.detach().t() for b in Bs])
+                else:
+                    A, B = stack_pairs([a.detach() for a in As], [b.detach() for b in Bs])
+                    At, Bt = A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
+                scale = torch.tensor([s.scaling for s in slots], dtype=At.dtype, device=At.device)
+                Bt.mul_(scale.view(-1, 1, 1))
             hit = (groups, versions, At, Bt)
             self.reg.stacks[id(layer)] = hit
         return hit[2], hit[3], None
