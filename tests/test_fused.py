@@ -181,6 +181,28 @@ def test_bf16_autocast_matches_plain(fold: bool) -> None:
     _assert_close(g_f, g_p, rtol=3e-2, atol=1e-1)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bf16_autocast_input_grad_matches_plain(p: float, fold: bool) -> None:
+    """Under bf16 autocast, with dropout too: output, x / A / B grads match the plain path."""
+    layer = _layer(p=p)
+    x = torch.randn(4 * N, D_IN, requires_grad=True)
+    params = [layer.lora_A, layer.lora_B]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(9)
+        out_f, g_f = _grads(layer, params, x)
+        drop = MaskDropout(_mask_for(9, tuple(x.shape), p), FU.keep_scale(p)) if p else None
+        out_p, g_p = _grads(_plain(layer, drop), params, x)
+    assert out_f.dtype == torch.bfloat16 and g_f[-1] is not None and g_f[-1].dtype == torch.float32
+    torch.testing.assert_close(out_f.float(), out_p.float(), rtol=2e-2, atol=5e-2)
+    _assert_close(g_f, g_p, rtol=3e-2, atol=1e-1)
+
+
+def test_float_mask_equals_bool_mask() -> None:
+    keep = FU.dropout_mask((33, 7), 0.2, 5)
+    assert torch.equal(FU.dropout_mask((33, 7), 0.2, 5, dtype=torch.float32), keep.float())
+    assert torch.equal(FU.dropout_mask((33, 7), 0.2, 5, dtype=torch.bfloat16), keep.bfloat16())
+
+
 def test_bf16_base_without_autocast_falls_back() -> None:
     layer = _layer().to(torch.bfloat16)
     layer.lora_A.data = layer.lora_A.data.float()

@@ -23,8 +23,8 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
   weight gradient, the input gets one only when it requires grad.
 * The dropout mask comes from 15 random bits per element (four per ``int64`` draw; ``p`` quantised
   to 1/32768, the keep-scale uses the quantised ``p`` so the estimator stays unbiased), several
-  times cheaper on CPU than ``bernoulli_``; masks are applied with ``torch.where`` (2× cheaper than
-  ``masked_fill`` on CPU).
+  times cheaper on CPU than ``bernoulli_``; the mask is made as 0/1 floats and applied with a
+  multiply (3-4× cheaper on CPU than ``masked_fill`` or ``torch.where`` with a bool mask).
 
 When the fused path is used (:func:`fused_eligible`): the layer is active, ``lorakit.fused`` is
 enabled (:func:`set_enabled`, :func:`disabled`) and the layer's ``lora_fused`` attribute is not
@@ -95,34 +95,44 @@ def draw_seed() -> int:
     return int(torch.randint(0, 1 << 62, (1,)).item())
 
 
-def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu") -> Tensor:
-    """The keep mask (bool, ``shape``) the fused path uses for ``seed``: deterministic per seed."""
+def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.bool) -> Tensor:
+    """The keep mask (``shape``) the fused path uses for ``seed``: deterministic per seed. As bool,
+    or as 0/1 floats of ``dtype`` (what the fused path uses: ``x * mask`` is ~3× cheaper on CPU
+    than ``torch.where(mask, x, 0)``, and the comparison writes the floats directly)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     n = math.prod(shape)
     # int64 random_ fills 63 bits: four 15-bit draws per word (~17 % cheaper than two per int32)
     words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_(generator=gen)
     bits = words.view(torch.int16)[:n].bitwise_and_(_LEVELS - 1)
-    return bits.ge(keep_threshold(p)).view(tuple(shape))
+    if dtype == torch.bool:
+        return bits.ge(keep_threshold(p)).view(tuple(shape))
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    torch.ge(bits.view(tuple(shape)), keep_threshold(p), out=out)
+    return out
 
 
 class _DropGroup:
     """One dropout mask shared by every projection that reads the same input tensor.
 
-    Forward members reuse ``keep`` / ``masked`` while the group is the cache's current entry;
+    ``keep`` is the 0/1 float mask (the input's dtype). Forward members reuse ``keep`` / ``masked``
+    while the group is the cache's current entry;
     backward members share the regenerated ones until all ``members`` have run their backward.
     """
 
-    __slots__ = ("seed", "p", "ref", "version", "keep", "masked", "members", "done", "users", "__weakref__")
+    __slots__ = ("seed", "p", "ref", "version", "dtype", "keep", "masked", "members", "done", "users",
+                 "__weakref__")
 
     def __init__(self, x: Tensor, p: float) -> None:
         self.seed = draw_seed()
         self.p = p
         self.ref = weakref.ref(x)
         self.version = x._version
+        self.dtype = x.dtype
         with torch.no_grad():  # a constant of the graph, never differentiated through
-            self.keep: Tensor | None = dropout_mask(x.shape, p, self.seed, x.device)
-            self.masked: Tensor | None = torch.where(self.keep, x, 0)  # 2x faster than masked_fill
+            self.keep: Tensor | None = dropout_mask(x.shape, p, self.seed, x.device, self.dtype)
+            self.masked: Tensor | None = x * self.keep
         self.members = 0
         self.done = 0
         self.users: set[int] = set()  # adapters (id of A) that already drew from this mask
@@ -137,7 +147,7 @@ class _DropGroup:
     def keep_mask(self, shape: Sequence[int], device: torch.device) -> Tensor:
         """The keep mask, regenerated from the seed once per group when it was released."""
         if self.keep is None:
-            self.keep = dropout_mask(shape, self.p, self.seed, device)
+            self.keep = dropout_mask(shape, self.p, self.seed, device, self.dtype)
         return self.keep
 
     def finish_backward(self) -> None:
@@ -206,7 +216,7 @@ class FusedLoraLinear(torch.autograd.Function):
                     group.members += 1
                     masked = group.masked
                     if masked is None:
-                        masked = torch.where(group.keep_mask(x.shape, x.device), x, 0)
+                        masked = x * group.keep_mask(x.shape, x.device)
                 elif keep is not None:  # compiled dropout: explicit bool mask
                     masked = torch.where(keep, x, 0)
                 else:
@@ -243,8 +253,8 @@ class FusedLoraLinear(torch.autograd.Function):
             masked = x2
             if dropped:
                 masked = masked_in.reshape(-1, in_f).to(cdt) if masked_in is not None else None
-                if need_x:  # dropout's backward needs the keep mask itself (siblings share one)
-                    mask = keep if group is None else group.keep_mask(x_shape, grad_out.device)
+                if need_x:  # dropout's backward needs the 0/1 keep mask itself (siblings share one)
+                    mask = keep.to(cdt) if group is None else group.keep_mask(x_shape, grad_out.device)
                     mask = mask.reshape(-1, in_f)
                 if group is not None:
                     group.finish_backward()
@@ -282,8 +292,7 @@ class FusedLoraLinear(torch.autograd.Function):
                     torch.mm(g, w, out=gx)  # (N, out) @ (out, in) -> (N, in)
                     gx.addmm_(gt, Ac)  # (N, r*k) @ (r*k, in), added in place
                 else:  # dropout's backward: the LoRA part masked, then the GEMM accumulates into it
-                    torch.mm(gt, Ac, out=gx)
-                    torch.where(mask, gx, gx.new_zeros(()), out=gx)  # 2x faster than masked_fill_
+                    torch.mm(gt, Ac, out=gx).mul_(mask)  # 0/1 floats: 4x cheaper than torch.where
                     gx.addmm_(g, w)
                 gx = gx_full.to(x_dtype)
             gw = None
