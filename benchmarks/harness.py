@@ -166,6 +166,7 @@ def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespa
         print(json.dumps(asdict(res)))
         return []
     pass_on = [a for a in raw if a not in ("--only",) and a not in (args.only or [])]
+    args.load_before = os.getloadavg()[0]
     rows = []
     for name in variants:
         if args.only and name not in args.only and name != anchor:
@@ -173,6 +174,7 @@ def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespa
         res = _child(module, name, pass_on)
         res["variant"] = name
         rows.append(res)
+    args.load_after = os.getloadavg()[0]
     print(table(title, rows, anchor, args))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
@@ -185,7 +187,9 @@ def table(title: str, rows: list[dict[str, Any]], anchor: str, args: argparse.Na
     out = [f"### {title}", "",
            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
            f"torch {torch.__version__}, "
-           f"median of {args.reps} after {args.warmup} warm-up",
+           f"median of {args.reps} after {args.warmup} warm-up"
+           + (f", 1-min load average {args.load_before:.1f} at start, {args.load_after:.1f} at end"
+              if hasattr(args, "load_after") else ""),
            "", f"| variant | median ms | × {anchor} | peak RSS MiB | extra MiB vs {anchor} | notes |",
            "|---|---|---|---|---|---|"]
     for r in rows:
