@@ -91,8 +91,8 @@ def test_mixed_batch_gradients_equal_separate_training() -> None:
 def llama() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=100)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
     model = transformers.LlamaForCausalLM(cfg).eval()
     lorakit.inject(model, LoraConfig(r=8, alpha=16, targets="all-linear", init="random"))
     lorakit.add_adapter(model, "b", LoraConfig(r=4, alpha=4, targets=["q_proj", "v_proj"], init="random"))
