@@ -307,8 +307,6 @@ def test_fan_in_fan_out_on_a_layer_that_cannot_have_it(ctor):
     lora.Embedding(5, 4, r=2, fan_in_fan_out=False)  # the harmless value is accepted
 
 
-@pytest.mark.xfail(reason="lorakit.fused caches the dropout mask by input identity: a second forward on the "
-                          "same tensor reuses it (reported to the fused-path owner)", strict=False)
 def test_each_forward_draws_a_fresh_dropout_mask():
     torch.manual_seed(0)
     layer = lora.Linear(16, 8, r=4, lora_alpha=8, lora_dropout=0.5)
@@ -318,4 +316,6 @@ def test_each_forward_draws_a_fresh_dropout_mask():
         outs = torch.stack([layer.train()(x) for _ in range(2000)])
         expect = layer.eval()(x)
     assert not torch.equal(outs[0], outs[1])
-    assert (outs.mean(0) - expect).abs().max() < 0.1  # inverted dropout is unbiased
+    # Inverted dropout is unbiased: the mean is within 5 standard errors of the eval output.
+    stderr = outs.std(0) / len(outs) ** 0.5
+    assert ((outs.mean(0) - expect).abs() < 5 * stderr + 1e-6).all()
