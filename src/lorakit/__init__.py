@@ -10,17 +10,48 @@ LoRA into any model, merges exactly, and reads and writes Hugging Face PEFT adap
 """
 
 from . import errors, functional
-from .adapters import (CombineReport, active_adapters, add_adapter, batch_adapters, combine, delete_adapter,
-                       disable_adapters, list_adapters, set_adapter, use_adapter)
+from .adapters import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+    use_adapter,
+)
+from .combine import CombineReport, combine
 from .config import LoraConfig
-from .errors import (ActiveAdapterError, AdapterFormatError, AdapterMismatchError, AdapterNotFoundError,
-                     AlreadyInjectedError, DuplicateAdapterError, LoraConfigError, LoraError, MixedBatchError,
-                     TargetNotFoundError, UnknownAdapterError, UnsupportedModuleError)
+from .errors import (
+    ActiveAdapterError,
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    AlreadyInjectedError,
+    DuplicateAdapterError,
+    LoraConfigError,
+    LoraError,
+    MixedBatchError,
+    TargetNotFoundError,
+    UnknownAdapterError,
+    UnsupportedModuleError,
+)
 from .formats import load_adapter, load_loralib_checkpoint, read_adapter, save_adapter
 from .inject import Plan, inject, lora_layers, plan, register_layer, unwrap
-from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoraConv1d, LoraConv2d, LoraConv3d,
-                     LoraLayer, MergedLinear)
+from .layers import (
+                       Conv1d,
+                       Conv2d,
+                       Conv3d,
+    ConvLoRA,
+    Embedding,
+    Linear,
+                       LoraConv1d,
+                       LoraConv2d,
+                       LoraConv3d,
+    LoraLayer,
+    MergedLinear,
+)
 from .merge import merge, merge_and_unload, unmerge
+from .mixed import batch_adapters
 from .state import ParamCount, lora_state_dict, mark_only_lora_as_trainable, trainable_parameters
 
 __version__ = "0.1.0"

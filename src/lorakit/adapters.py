@@ -30,8 +30,7 @@ import contextlib
 import math
 import os
 import re
-import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from . import formats
-from .batched import RowPlan, mixed_linear_delta, plan_rows, stack_pairs
 from .config import ALL_LINEAR, LoraConfig
 from .errors import (
     ActiveAdapterError,
@@ -48,7 +46,6 @@ from .errors import (
     AdapterMismatchError,
     DuplicateAdapterError,
     LoraConfigError,
-    MixedBatchError,
     TargetNotFoundError,
     UnknownAdapterError,
     UnsupportedModuleError,
@@ -72,7 +69,7 @@ _ABSENT = (None, None)
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 __all__ = [
-    "BASE", "DEFAULT", "CombineReport", "Slot", "active_adapters", "add_adapter", "batch_adapters", "combine",
+    "BASE", "DEFAULT", "Slot", "active_adapters", "add_adapter",
     "delete_adapter", "disable_adapters", "list_adapters", "load_named_adapter", "save_named_adapter",
     "set_adapter", "use_adapter",
 ]
@@ -162,7 +159,9 @@ def _registry(model: nn.Module) -> _Registry:
             model._lorakit_configs = configs
         reg = _Registry(configs, (DEFAULT,) if DEFAULT in configs else ())
         model.__dict__["_lorakit_registry"] = reg
-        _install_kwarg_hooks(model, reg)
+        from .mixed import install_kwarg_hooks
+
+        install_kwarg_hooks(model, reg)
     else:  # the core (inject / load_adapter) may have replaced the dict
         reg.configs = model.__dict__.setdefault("_lorakit_configs", reg.configs)
     if not reg.layers:
@@ -584,274 +583,3 @@ def _dense_to_fused_pair(layer: MergedLinear, r: int, A: Tensor, B: Tensor) -> t
     parts = [B[s * rows:(s + 1) * rows, j * r:(j + 1) * r]
              for j, s in enumerate(i for i, e in enumerate(layer.enable_lora) if e)]
     return A, torch.cat(parts, 0)
-
-
-# --- combine -------------------------------------------------------------------------------------
-@dataclass
-class CombineReport:
-    """What :func:`combine` made. ``energy`` is the share of ``sum ||dW||_F^2`` the new adapter
-    keeps (1.0 for ``cat``; for ``svd`` the kept singular values' energy; None for ``linear``,
-    which does not aim at the sum of deltas). ``per_layer`` has each layer's share (svd)."""
-
-    name: str
-    method: str
-    rank: int
-    layers: int
-    energy: float | None
-    per_layer: dict[str, float] = field(default_factory=dict)
-
-
-def _plain_delta_layer(layer: LoraLayer) -> bool:
-    """Layers whose update is exactly ``scaling * B @ A`` with A (r, in) and B (out, r)."""
-    return isinstance(layer, (LoraLinear, Embedding, _InjectedConv))
-
-
-def combine(model: nn.Module, weights: Mapping[str, float], method: str = "linear", name: str = "combined",
-            rank: int | None = None) -> CombineReport:
-    """Make a new adapter ``name`` from a weighted combination of existing ones (inactive).
-
-    * ``"linear"``: same targets and ranks; ``A = sum sign(w_i) sqrt|w_i| s_i A_i`` and
-      ``B = sum sqrt|w_i| B_i`` (scaling 1), PEFT's rule. Note: ``B A`` then holds cross terms
-      ``B_j A_i``; it is **not** ``sum w_i dW_i`` unless the adapters are orthogonal.
-    * ``"cat"``: ranks concatenate; ``dW = sum w_i s_i B_i A_i`` exactly (rank ``sum r_i``).
-    * ``"svd"``: the exact ``sum w_i dW_i`` truncated to ``rank`` by SVD (through QR of the
-      concatenated factors, no dense SVD); the report gives the spectral energy kept.
-    """
-    reg = _registry(model)
-    if method not in ("linear", "cat", "svd"):
-        raise LoraConfigError(f"combine: method {method!r} is not one of 'linear', 'cat', 'svd'")
-    if not weights:
-        raise LoraConfigError("combine: give at least one {adapter: weight}")
-    _check_known(reg, list(weights))
-    _check_new_name(reg, name)
-    if method == "svd" and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise LoraConfigError(f"combine(method='svd') needs rank=<positive int>, got {rank!r}")
-    ws = {n: float(w) for n, w in weights.items()}
-    built: dict[str, tuple[LoraLayer, Tensor, Tensor]] = {}
-    per_layer: dict[str, float] = {}
-    kept_total = energy_total = 0.0
-    for mod_name, layer in reg.layers:
-        slots = _slots(layer)
-        have = [n for n in ws if n in slots]
-        if not have:
-            continue
-        if method == "linear":
-            if len(have) != len(ws):
-                missing = [n for n in ws if n not in have]
-                raise AdapterMismatchError(f"combine(linear): {mod_name!r} has adapters {have} but not "
-                                           f"{missing}; linear needs the same targets (use 'cat' or 'svd')")
-            shapes = {tuple(slots[n].A.shape) for n in have}
-            if len(shapes) != 1:
-                raise AdapterMismatchError(f"combine(linear): ranks differ at {mod_name!r} "
-                                           f"({ {n: slots[n].r for n in have} }); use method='cat' or 'svd'")
-            with torch.no_grad():
-                A = sum(math.copysign(math.sqrt(abs(ws[n])), ws[n]) * slots[n].scaling * slots[n].A
-                        for n in have)
-                B = sum(math.sqrt(abs(ws[n])) * slots[n].B for n in have)
-            built[mod_name] = (layer, A, B)  # type: ignore[assignment]
-            continue
-        if not _plain_delta_layer(layer):
-            raise UnsupportedModuleError(f"combine({method}): {mod_name!r} is a {type(layer).__name__}; "
-                                         "cat and svd handle Linear, Embedding and injected convolutions")
-        with torch.no_grad():
-            Ac = torch.cat([slots[n].A for n in have], 0)  # (R, in)
-            Bc = torch.cat([slots[n].B * (ws[n] * slots[n].scaling) for n in have], 1)  # (out, R)
-            if method == "cat":
-                built[mod_name] = (layer, Ac.clone(), Bc)
-                continue
-            qb, rb = torch.linalg.qr(Bc.double())  # (out, R), (R, R)
-            qa, ra = torch.linalg.qr(Ac.double().transpose(0, 1))  # (in, R), (R, R)
-            u, s, vh = torch.linalg.svd(rb @ ra.transpose(0, 1))
-            k = min(rank, s.shape[0])  # type: ignore[type-var]
-            root = s[:k].sqrt()
-            B = (qb @ u[:, :k]) * root  # (out, k)
-            A = root[:, None] * (vh[:k] @ qa.transpose(0, 1))  # (k, in)
-            tot, kept = float((s ** 2).sum()), float((s[:k] ** 2).sum())
-            per_layer[mod_name] = kept / tot if tot > 0 else 1.0
-            kept_total += kept
-            energy_total += tot
-            built[mod_name] = (layer, A.to(Ac.dtype), B.to(Ac.dtype))
-    if not built:
-        raise AdapterMismatchError(f"combine: adapters {list(ws)} are on no layer")
-    ranks = {m: a.shape[0] // (sum(layer.enable_lora) if isinstance(layer, MergedLinear) else 1)
-             for m, (layer, a, _) in built.items()}
-    r0 = max(ranks.values())
-    esc = {m: re.escape(m) for m in built}
-    config = LoraConfig(r=r0, alpha=r0, targets=tuple(built), rank_pattern={esc[m]: ranks[m] for m in built},
-                        alpha_pattern={esc[m]: float(ranks[m]) for m in built})
-    staged = _Staged(name, config, {}, {})
-    for m, (layer, A, B) in built.items():
-        spec = LayerSpec(ranks[m], float(ranks[m]), 0.0, False, "kaiming", None)
-        staged.slots[m] = (layer, _new_slot(layer, spec, (A, B)))
-    _commit(model, reg, staged)
-    energy: float | None = None
-    if method == "cat":
-        energy = 1.0
-    elif method == "svd":
-        energy = kept_total / energy_total if energy_total else 1.0
-    return CombineReport(name, method, r0, len(built), energy, per_layer)
-
-
-# --- mixed-adapter batches -----------------------------------------------------------------------
-class _MixedBatch:
-    """State of one ``batch_adapters`` block: per-layer hooks adding each row's own update."""
-
-    def __init__(self, model: nn.Module, reg: _Registry, names: Sequence[str]) -> None:
-        self.model, self.reg = model, reg
-        self.names = list(names)
-        self.used = list(dict.fromkeys(n for n in self.names if n != BASE))
-        self.plans: dict[tuple[tuple[str, ...], int], RowPlan | None] = {}
-        self.saved: list[tuple[LoraLayer, Any, bool]] = []
-        self.handles: list[Any] = []
-
-    def row_names(self, bsz: int) -> list[str]:
-        n = len(self.names)
-        if bsz == n:
-            return self.names
-        if bsz % n == 0:  # generate() with num_beams / num_return_sequences repeats each row
-            k = bsz // n
-            return [name for name in self.names for _ in range(k)]
-        raise MixedBatchError(f"batch_adapters got {n} row names but the batch has {bsz} rows "
-                              "(it must equal, or be a multiple for beam search)")
-
-    def plan(self, available: tuple[str, ...], bsz: int, device: torch.device) -> RowPlan | None:
-        key = (available, bsz)
-        if key not in self.plans:
-            self.plans[key] = plan_rows(self.row_names(bsz), available, device)
-        return self.plans[key]
-
-    def weights(self, layer: LoraLayer, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Transposed stacks ``(G, in, r)``, ``(G, r, out)`` and the scale (None when folded into B)."""
-        slots = [layer.__dict__["_lora_slots"][g] for g in groups]
-        As, Bs = [s.A for s in slots], [s.B for s in slots]
-        if torch.is_grad_enabled() and any(a.requires_grad for a in As + Bs):
-            A, B = stack_pairs(As, Bs)
-            scale = torch.tensor([s.scaling for s in slots], dtype=A.dtype, device=A.device).view(-1, 1, 1)
-            return A.transpose(1, 2), B.transpose(1, 2), scale
-        versions = tuple(t._version for t in As + Bs) + tuple(id(t) for t in As)
-        hit = self.reg.stacks.get(id(layer))
-        if hit is None or hit[0] != groups or hit[1] != versions:
-            with torch.no_grad():
-                r_max = max(a.shape[0] for a in As)
-                if all(a.shape[0] == r_max for a in As):  # one copy each, already transposed
-                    At = torch.stack([a.detach().t() for a in As])
-                    Bt = torch.stack([b.detach().t() for b in Bs])
-                else:
-                    A, B = stack_pairs([a.detach() for a in As], [b.detach() for b in Bs])
-                    At, Bt = A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
-                scale = torch.tensor([s.scaling for s in slots], dtype=At.dtype, device=At.device)
-                Bt.mul_(scale.view(-1, 1, 1))
-            hit = (groups, versions, At, Bt)
-            self.reg.stacks[id(layer)] = hit
-        return hit[2], hit[3], None
-
-    def enter(self) -> None:
-        todo = []
-        for mod_name, layer in self.reg.layers:
-            slots = _slots(layer)
-            avail = tuple(n for n in self.used if n in slots)
-            if avail and not isinstance(layer, LoraLinear):
-                raise MixedBatchError(f"mixed-adapter batches support Linear layers; {mod_name!r} is a "
-                                      f"{type(layer).__name__} (use one adapter per batch for it)")
-            todo.append((layer, avail))
-        for layer, avail in todo:
-            self.saved.append((layer, layer.__dict__.get("_lora_sel"), layer.merged))
-            layer.unmerge()
-            layer.__dict__["_lora_sel"] = _ABSENT
-            if avail:
-                self.handles.append(layer.register_forward_hook(self._hook(layer, avail)))
-
-    def _hook(self, layer: LoraLayer, avail: tuple[str, ...]) -> Any:
-        slots = layer.__dict__["_lora_slots"]
-
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-            if layer.lora_disabled:
-                return out
-            x = args[0]
-            plan = self.plan(avail, x.shape[0], x.device)
-            if plan is None:
-                return out
-            At, Bt, scale = self.weights(layer, plan.groups)
-            drops = [slots[g].dropout for g in plan.groups]
-            if all(isinstance(d, nn.Identity) for d in drops):
-                drops = []
-            elif len({getattr(d, "p", 0.0) for d in drops}) == 1:
-                drops = drops[:1]
-            return mixed_linear_delta(x, out, plan, At, Bt, scale, drops)
-
-        return hook
-
-    def exit(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        for layer, sel, merged in self.saved:
-            layer.__dict__["_lora_sel"] = sel
-            if merged:
-                layer.merge()
-        self.saved.clear()
-
-
-@contextlib.contextmanager
-def batch_adapters(model: nn.Module, names_per_row: Sequence[str]) -> Iterator[None]:
-    """Run the block with row ``i`` of every batch using adapter ``names_per_row[i]`` ("base": none).
-
-    One forward, batched matmuls (see :mod:`lorakit.batched`); works for training (each adapter
-    gets gradients from its own rows only) and inside ``model.generate`` (rows repeated for beams).
-    Merged layers are unmerged for the block and re-merged after.
-    """
-    reg = _registry(model)
-    if isinstance(names_per_row, str) or not isinstance(names_per_row, Sequence) or not names_per_row:
-        raise MixedBatchError(f"names_per_row must be a non-empty list of names, not {names_per_row!r}")
-    _check_known(reg, list(dict.fromkeys(names_per_row)), allow_base=True)
-    mb = _MixedBatch(model, reg, names_per_row)
-    try:
-        mb.enter()
-        yield
-    finally:
-        mb.exit()
-
-
-def _install_kwarg_hooks(model: nn.Module, reg: _Registry) -> None:
-    """``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` run a mixed batch.
-
-    A forward pre-hook pops the kwarg (always-called post-hook ends the block); ``generate`` (which
-    validates its kwargs) gets an instance-level wrapper running it inside :func:`batch_adapters`.
-    """
-    reg.hooks = [model.register_forward_pre_hook(_kw_pre, with_kwargs=True),
-                 model.register_forward_hook(_kw_post, with_kwargs=True, always_call=True)]
-    if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
-        model.__dict__["generate"] = types.MethodType(_generate_with_names, model)
-
-
-def _kw_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    stack = _registry(module).kw_stack
-    names = kwargs.pop("adapter_names", None)
-    if names is None:
-        stack.append(None)
-        return None
-    x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if isinstance(x, Tensor) and x.dim() > 0 and len(names) and x.shape[0] % len(names):
-        stack.append(None)
-        raise MixedBatchError(f"adapter_names has {len(names)} entries, the batch {x.shape[0]} rows")
-    ctx = batch_adapters(module, names)
-    ctx.__enter__()
-    stack.append(ctx)
-    return args, kwargs
-
-
-def _kw_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-    stack = _registry(module).kw_stack
-    if stack:
-        ctx = stack.pop()
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-
-
-def _generate_with_names(self: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None,
-                         **kwargs: Any) -> Any:
-    generate = type(self).generate  # type: ignore[attr-defined]
-    if adapter_names is None:
-        return generate(self, *args, **kwargs)
-    with batch_adapters(self, adapter_names):
-        return generate(self, *args, **kwargs)

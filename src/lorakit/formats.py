@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_dir
 from .config import LoraConfig
-from .errors import (AdapterFormatError, AdapterMismatchError, AdapterNotFoundError, LoraConfigError,
-                     LoraError, TargetNotFoundError)
+from .errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    LoraConfigError,
+    LoraError,
+    TargetNotFoundError,
+)
 from .inject import _set_module, apply_trainable, factory_for, lora_layers, resolve
 from .layers import ConvLoRA, Embedding, LoraLayer, MergedLinear
 
@@ -91,7 +96,8 @@ def adapter_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, Tenso
         fifo = fifo or bool(getattr(layer, "fan_in_fan_out", False))
         for suffix, t in peft_tensors(layer).items():
             tensors[f"{PREFIX}{name}.{suffix}"] = t.contiguous()
-        r_file = tensors[f"{PREFIX}{name}.{'lora_embedding_A' if isinstance(layer, Embedding) else 'lora_A.weight'}"].shape[0]
+        a_key = "lora_embedding_A" if isinstance(layer, Embedding) else "lora_A.weight"
+        r_file = tensors[f"{PREFIX}{name}.{a_key}"].shape[0]
         alpha = layer.lora_alpha * (r_file / layer.r if not layer.use_rslora else math.sqrt(r_file / layer.r))
         if r_file != config.r:
             ranks[name] = r_file
@@ -137,62 +143,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoraConfig |
     peft["base_model_name_or_path"] = base_model_name
     meta = {"format": "pt", "lorakit_config": config.to_json()}
     path = Path(path)
-    files = {
-        CONFIG_NAME: lambda p: p.write_text(json.dumps(peft, indent=2, sort_keys=True)),
-        WEIGHTS_NAME: lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(p), meta),
-    }
-    atomic_write_dir(path, files)
+
+    def fill(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft, indent=2, sort_keys=True))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), meta)
+
+    atomic_dir(path, fill)
     return path
-
-
-def atomic_write_dir(path: Path, files: Mapping[str, Any]) -> None:
-    """Write ``files`` ({name: writer(path)}) into a temporary sibling directory, fsync, then swap it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_file(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then fsync and rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _model_config(model: nn.Module) -> LoraConfig:
@@ -217,7 +174,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]
                                  " (for a loralib .pt checkpoint use load_loralib_checkpoint)")
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
-        raise AdapterFormatError(f"{path}: no {CONFIG_NAME}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterFormatError(f"{path}: no {CONFIG_NAME}; an adapter directory holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -330,7 +288,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
             if kind not in want:
                 problems.append(f"{m}.{kind}: unexpected for a {type(layer).__name__} (expects {sorted(want)})")
             elif tuple(t.shape) != tuple(want[kind].shape):
-                problems.append(f"{m}.{kind}: shape {tuple(t.shape)} in the file, the model needs {tuple(want[kind].shape)}")
+                problems.append(f"{m}.{kind}: shape {tuple(t.shape)} in the file, "
+                                f"the model needs {tuple(want[kind].shape)}")
             elif not t.is_floating_point():
                 problems.append(f"{m}.{kind}: dtype {t.dtype} is not a floating-point type")
         for kind in want:

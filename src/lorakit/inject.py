@@ -281,9 +281,11 @@ class Plan:
         w = max([len(r.name) for r in self.rows] + [6])
         lines = [f"{'module':<{w}}  {'type':<14} {'weight shape':<16} {'r':>4} {'alpha':>6} {'LoRA params':>12}"]
         for r in self.rows:
-            lines.append(f"{r.name:<{w}}  {r.kind:<14} {str(tuple(r.shape)):<16} {r.r:>4} {r.alpha:>6g} {r.params:>12,}")
+            shape = str(tuple(r.shape))
+            lines.append(f"{r.name:<{w}}  {r.kind:<14} {shape:<16} {r.r:>4} {r.alpha:>6g} {r.params:>12,}")
         lines.append(f"{len(self.rows)} modules; trainable {self.trainable:,} of {self.total_params:,} "
-                     f"parameters ({100 * self.fraction:.3f}%); LoRA {self.lora_params:,}, other {self.other_trainable:,}")
+                     f"parameters ({100 * self.fraction:.3f}%); "
+                     f"LoRA {self.lora_params:,}, other {self.other_trainable:,}")
         lines.append(f"extra training memory (params + grads + AdamW states, fp32): "
                      f"{self.extra_memory_bytes / 2**20:.2f} MiB")
         return "\n".join(lines)

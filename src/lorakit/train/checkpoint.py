@@ -11,13 +11,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorakit.atomic import atomic_write
 from lorakit.train.errors import ResumeError
 
 CHECKPOINT = "checkpoint.pt"
@@ -28,34 +27,6 @@ NON_RESULT_KEYS = frozenset(
 )
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, then rename it onto ``path``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(p.parent)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` with the atomic protocol."""
     atomic_write(path, lambda fh: torch.save(obj, fh))
@@ -64,22 +35,6 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
 def atomic_json(obj: Any, path: str | os.PathLike[str]) -> None:
     """Write pretty JSON atomically."""
     atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True, default=str)), mode="w")
-
-
-def atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory under a temporary name with ``fill(tmp)``, then swap it into place."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-    _fsync_dir(final.parent)
 
 
 def fingerprint(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from lorakit.train.checkpoint import atomic_dir, atomic_write, trainable_state
+from lorakit.atomic import atomic_dir, atomic_write
+from lorakit.train.checkpoint import trainable_state
 from lorakit.train.errors import TrainConfigError
 from lorakit.train.models import default_targets, head_modules
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorakit.train.checkpoint import atomic_write
+from lorakit.atomic import atomic_write
 
 METRICS = "metrics.jsonl"
 
