@@ -235,8 +235,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     Everything is validated (modules exist, shapes and ranks fit, no unexpected keys) before the
     model is touched; every problem is reported at once. ``name`` loads it as a further named
-    adapter (:mod:`lorakit.adapters`) instead of the first, "default" one.
+    adapter (:mod:`lorakit.adapters`) instead of the first, "default" one. A ``.pt`` / ``.pth``
+    file is read as a loralib checkpoint (:func:`load_loralib_checkpoint`).
     """
+    if name is None and Path(path).suffix in (".pt", ".pth") and Path(path).is_file():
+        return load_loralib_checkpoint(model, path)
     if not _core and (name is not None or "_lorakit_registry" in model.__dict__):
         from .adapters import load_named_adapter
 
