@@ -55,15 +55,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+#: The clock :func:`time_it` reads: wall time, or this process's CPU time (``--cpu-time``; with
+#: ``--threads 1`` it leaves out the time other processes hold the cores, so it stays comparable
+#: across variants on a shared, loaded machine, where multi-threaded wall times are not).
+_clock: dict[str, Callable[[], float]] = {"now": time.perf_counter}
+
+
 def time_it(step: Callable[[], Any], reps: int = 5, warmup: int = 2) -> Measured:
     """Run ``step`` ``warmup`` times, then time ``reps`` runs; median in ms."""
     for _ in range(warmup):
         step()
     times = []
+    now = _clock["now"]
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = now()
         step()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((now() - t0) * 1e3)
     return Measured(statistics.median(times), times, peak_rss_mib())
 
 
@@ -135,6 +142,8 @@ def parse(argv: Sequence[str] | None = None, extra: Callable[[argparse.ArgumentP
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 rep: keeps the script working")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time instead of wall time (use with --threads 1)")
     ap.add_argument("--json-out", help="also write the table rows as JSON here")
     if extra:
         extra(ap)
@@ -162,6 +171,8 @@ def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespa
     args = parse(raw, extra)
     if args.variant:
         setup_torch(args.threads)
+        if args.cpu_time:
+            _clock["now"] = time.process_time
         res = variants[args.variant](args)
         print(json.dumps(asdict(res)))
         return []
@@ -184,8 +195,11 @@ def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespa
 def table(title: str, rows: list[dict[str, Any]], anchor: str, args: argparse.Namespace) -> str:
     """Markdown table: median ms, ratio to the anchor, peak RSS and extra over the anchor."""
     base = next((r for r in rows if r["variant"] == anchor and "median_ms" in r), None)
+    threads = args.threads or os.cpu_count()
+    clock = "CPU time of the process" if args.cpu_time else "wall time"
     out = [f"### {title}", "",
-           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
+           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}, "
+           f"{clock}, "
            f"torch {torch.__version__}, "
            f"median of {args.reps} after {args.warmup} warm-up"
            + (f", 1-min load average {args.load_before:.1f} at start, {args.load_after:.1f} at end"

@@ -303,7 +303,7 @@ def test_fold_is_chosen_by_size_and_only_without_dropout(monkeypatch: pytest.Mon
         calls.append(tuple(w.shape))
         return real(w, *a)
     monkeypatch.setattr(FU, "folded_weight", spy)
-    for p, n, expect in [(0.0, 4 * D_OUT, 2), (0.0, 2, 0), (0.3, 4 * D_OUT, 0)]:
+    for p, n, expect in [(0.0, 16 * D_OUT, 2), (0.0, 2, 0), (0.3, 16 * D_OUT, 0)]:
         calls.clear()
         layer = _layer(p=p)
         x = torch.randn(n, D_IN, requires_grad=True)

@@ -307,9 +307,11 @@ class FusedLoraLinear(torch.autograd.Function):
 #: Fold ``s B A`` into a temporary weight when the rows (tokens) reach this multiple of
 #: ``out*in/(out+in)`` (half the harmonic mean of the two widths): below it, the two rank-r passes
 #: over the (N, out) output and (N, in) input grad cost less than building the (out, in) weight twice
-#: (forward, and again in backward). Measured break-even on a 2-core AMD EPYC, D=768: ~1.5-2k rows.
+#: (forward, and again in backward). Measured on a 2-core AMD EPYC, D=768, one thread
+#: (``python -m benchmarks.micro_fused --threads 1 --tokens 4096,8192``): even at 4096 rows
+#: (1.13x vs 1.12x the frozen floor), clearly ahead at 8192 (1.03x vs 1.12x); so from ~3.8k rows.
 #: ``inf`` never folds, ``0`` always does (tests).
-FOLD_ROWS_FACTOR = 4.0
+FOLD_ROWS_FACTOR = 10.0
 
 
 def fold_pays(n: int, in_f: int, out_f: int) -> bool:
