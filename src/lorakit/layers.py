@@ -38,6 +38,21 @@ def is_conv1d_like(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def _selected_param(index: int, name: str) -> property:
+    """``layer.lora_A`` / ``lora_B``: the selected adapter's tensor, else the registered Parameter."""
+
+    def get(self: nn.Module) -> Any:
+        sel = self.__dict__.get("_lora_sel")
+        if sel is not None:
+            return sel[index]
+        try:
+            return self.__dict__["_parameters"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    return property(get)
+
+
 class LoraLayer:
     """State and behaviour shared by every LoRA layer (mixin; put it first in the bases)."""
 
@@ -57,25 +72,8 @@ class LoraLayer:
     # registered under those names (the first, "default" adapter) unless ``_lora_sel`` points
     # elsewhere: ``(A, B)`` of a named adapter, ``(None, None)`` (no adapter here: act as base),
     # or a sequence computing a concatenation for several active adapters.
-    @property
-    def lora_A(self) -> Any:
-        sel = self.__dict__.get("_lora_sel")
-        if sel is not None:
-            return sel[0]
-        try:
-            return self.__dict__["_parameters"]["lora_A"]
-        except KeyError:
-            raise AttributeError("lora_A") from None
-
-    @property
-    def lora_B(self) -> Any:
-        sel = self.__dict__.get("_lora_sel")
-        if sel is not None:
-            return sel[1]
-        try:
-            return self.__dict__["_parameters"]["lora_B"]
-        except KeyError:
-            raise AttributeError("lora_B") from None
+    lora_A = _selected_param(0, "lora_A")
+    lora_B = _selected_param(1, "lora_B")
 
     # --- construction ------------------------------------------------------------------------
     def _init_lora(self, r: Any, lora_alpha: Any, lora_dropout: Any, merge_weights: bool,

@@ -13,7 +13,7 @@ from lorakit.train.batching import encode_classification, encode_lm
 from lorakit.train.config import EvalConfig, GenerateConfig, MergeConfig
 from lorakit.train.data import get_task, load_task_data, read_e2e, read_examples, subsample
 from lorakit.train.errors import TrainConfigError
-from lorakit.train.evaluate import evaluate, generate, score_e2e
+from lorakit.train.evaluate import decoding, evaluate, generate, score_e2e
 from lorakit.train.loop import use_bf16
 from lorakit.train.methods import load_head, read_meta
 from lorakit.train.models import load_model, load_tokenizer, resolve
@@ -64,11 +64,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             model,
             tok,
             data,
-            num_beams=cfg.num_beams,
-            length_penalty=cfg.length_penalty,
-            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.eval_batch_size,
+            **decoding(cfg),
             device=device,
             bf16=bf16,
             progress=True,
@@ -101,11 +97,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         model,
         tok,
         prompts,
-        num_beams=cfg.num_beams,
-        length_penalty=cfg.length_penalty,
-        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.eval_batch_size,
+        **decoding(cfg),
         device=device,
         template=not cfg.raw,
     )

@@ -140,3 +140,14 @@ def score_e2e(
     hyps = generate(model, tokenizer, [g.mr for g in groups], **gen_kw)
     bleu = metrics.corpus_bleu(hyps, [g.refs for g in groups])
     return {"bleu": bleu, "n_mrs": float(len(groups))}, hyps
+
+
+def decoding(cfg: Any) -> dict[str, Any]:
+    """The beam-search options (and eval batch size) of a train / eval / generate config."""
+    return {
+        "num_beams": cfg.num_beams,
+        "length_penalty": cfg.length_penalty,
+        "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.eval_batch_size,
+    }

@@ -24,7 +24,7 @@ from lorakit.train.batching import Schedule, collate, encode_classification, enc
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import TaskSpec, get_task, load_task_data, subsample
 from lorakit.train.errors import DataError, TrainConfigError
-from lorakit.train.evaluate import autocast, evaluate, loss_sum, model_inputs, score_e2e
+from lorakit.train.evaluate import autocast, decoding, evaluate, loss_sum, model_inputs, score_e2e
 from lorakit.train.methods import apply_method, save_result
 from lorakit.train.models import load_model, load_tokenizer, resolve
 from lorakit.train.runlog import MetricsLog, plot_loss
@@ -344,11 +344,7 @@ class Trainer:
                     self.model,
                     self.tokenizer,
                     groups,
-                    num_beams=c.num_beams,
-                    length_penalty=c.length_penalty,
-                    no_repeat_ngram_size=c.no_repeat_ngram_size,
-                    max_new_tokens=c.max_new_tokens,
-                    batch_size=c.eval_batch_size,
+                    **decoding(c),
                     device=ctx.device,
                     bf16=bf16,
                     progress=c.progress,
