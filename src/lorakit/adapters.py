@@ -147,7 +147,7 @@ class _Registry:
     kw_stack: list[Any] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
     #: per layer, the last no-grad stack of mixed-batch weights (reused across blocks / generate calls)
-    stacks: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    stacks: dict[tuple[int, tuple[str, ...]], tuple[Any, ...]] = field(default_factory=dict)
 
 
 def _registry(model: nn.Module) -> _Registry:

@@ -28,6 +28,9 @@ from .layers import LoraLayer
 
 __all__ = ["batch_adapters"]
 
+#: Distinct adapter sets whose stacked weights stay cached per layer (inference only).
+_MAX_SETS_PER_LAYER = 8
+
 
 class _MixedBatch:
     """State of one ``batch_adapters`` block: per-layer hooks adding each row's own update."""
@@ -65,8 +68,9 @@ class _MixedBatch:
             scale = torch.tensor([s.scaling for s in slots], dtype=A.dtype, device=A.device).view(-1, 1, 1)
             return A.transpose(1, 2), B.transpose(1, 2), scale
         versions = tuple(t._version for t in As + Bs) + tuple(id(t) for t in As)
-        hit = self.reg.stacks.get(id(layer))
-        if hit is None or hit[0] != groups or hit[1] != versions:
+        key = (id(layer), groups)  # several adapter sets stay cached (batches of 1, 4, 8 adapters...)
+        hit = self.reg.stacks.get(key)
+        if hit is None or hit[1] != versions:
             with torch.no_grad():
                 r_max = max(a.shape[0] for a in As)
                 if all(a.shape[0] == r_max for a in As):  # one copy each, already transposed
@@ -78,7 +82,9 @@ class _MixedBatch:
                 scale = torch.tensor([s.scaling for s in slots], dtype=At.dtype, device=At.device)
                 Bt.mul_(scale.view(-1, 1, 1))
             hit = (groups, versions, At, Bt)
-            self.reg.stacks[id(layer)] = hit
+            if len(self.reg.stacks) >= _MAX_SETS_PER_LAYER * max(len(self.reg.layers), 1):
+                self.reg.stacks.clear()  # bound the cache: a few sets per layer
+            self.reg.stacks[key] = hit
         return hit[2], hit[3], None
 
     def enter(self) -> None:
