@@ -251,7 +251,42 @@ def _adopt(new: nn.Module, base: nn.Module, attrs: Sequence[str]) -> None:
 
 
 # --- Linear ------------------------------------------------------------------------------------
-class Linear(LoraLayer, nn.Linear):
+class _LinearLoraMixin(LoraLayer):
+    """What Linear and MergedLinear share: the (in, out) weight layout of ``fan_in_fan_out`` and
+    adopting an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    fan_in_fan_out: bool
+
+    def _adopt_linear(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float,
+                      use_rslora: bool) -> tuple[int, int]:
+        """Share ``base``'s Parameters (fan_in_fan_out detected); returns (in_features, out_features)."""
+        fifo = is_conv1d_like(base)
+        in_f, out_f = base.weight.shape if fifo else base.weight.shape[::-1]
+        _adopt(self, base, ())
+        self.in_features, self.out_features, self.fan_in_fan_out = in_f, out_f, fifo
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights=False, use_rslora=use_rslora)
+        return in_f, out_f
+
+    def _weight_layout(self, delta: Tensor) -> Tensor:
+        """An (out, in) update in the stored weight's layout."""
+        return delta.transpose(0, 1) if self.fan_in_fan_out else delta
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self._weight_layout(self.weight), self.bias)
+
+    def _build_plain(self) -> nn.Module:
+        plain = nn.Linear.__new__(nn.Linear)
+        _adopt(plain, self, ("in_features", "out_features"))
+        if self.fan_in_fan_out:
+            plain.weight = nn.Parameter(self.weight.detach().transpose(0, 1).contiguous(),
+                                        requires_grad=self.weight.requires_grad)
+        del plain._lora_original
+        return plain
+
+
+class Linear(_LinearLoraMixin, nn.Linear):
     """``nn.Linear`` with LoRA; ``fan_in_fan_out`` stores the weight as (in, out) like GPT-2."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
@@ -276,41 +311,26 @@ class Linear(LoraLayer, nn.Linear):
                     use_rslora: bool = False, init: str = "kaiming") -> Linear:
         """Wrap an ``nn.Linear`` or a GPT-2 ``Conv1D`` (fan_in_fan_out detected), sharing its weights."""
         new = cls.__new__(cls)
-        fifo = is_conv1d_like(base)
-        in_f, out_f = base.weight.shape if fifo else base.weight.shape[::-1]
-        _adopt(new, base, ())
-        new.in_features, new.out_features, new.fan_in_fan_out = in_f, out_f, fifo
-        new._init_lora(r, lora_alpha, lora_dropout, merge_weights=False, use_rslora=use_rslora)
+        in_f, out_f = new._adopt_linear(base, r, lora_alpha, lora_dropout, use_rslora)
         new._new_lora_params((r, in_f), (out_f, r), freeze=False)
         new.reset_lora_parameters(init)
         return new
 
     def delta_weight(self) -> Tensor:
-        d = LF.lora_delta(self.lora_A, self.lora_B, self.scaling)  # (out, in)
-        return d.transpose(0, 1) if self.fan_in_fan_out else d
+        return self._weight_layout(LF.lora_delta(self.lora_A, self.lora_B, self.scaling))  # (out, in)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.lora_active:
-            w = self.weight.transpose(0, 1) if self.fan_in_fan_out else self.weight
-            return F.linear(x, w, self.bias)
+            return self._base_forward(x)
         if self.lora_fused and FU.fused_eligible(x, self.weight, self.lora_A, self.lora_dropout):
             return FU.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                   self.lora_dropout, self.fan_in_fan_out)
         return LF.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                               self.lora_dropout, self.fan_in_fan_out)
 
-    def _build_plain(self) -> nn.Module:
-        plain = nn.Linear.__new__(nn.Linear)
-        _adopt(plain, self, ("in_features", "out_features"))
-        if self.fan_in_fan_out:
-            plain.weight = nn.Parameter(self.weight.detach().transpose(0, 1).contiguous(),
-                                        requires_grad=self.weight.requires_grad)
-        del plain._lora_original
-        return plain
-
 
 # --- MergedLinear ------------------------------------------------------------------------------
-class MergedLinear(LoraLayer, nn.Linear):
+class MergedLinear(_LinearLoraMixin, nn.Linear):
     """One Linear holding several projections (q, k, v); LoRA on the slices ``enable_lora`` marks."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
@@ -352,24 +372,18 @@ class MergedLinear(LoraLayer, nn.Linear):
                     enable_lora: Sequence[bool], use_rslora: bool = False, init: str = "kaiming") -> MergedLinear:
         """Wrap a fused projection (``nn.Linear`` or GPT-2 ``Conv1D``), sharing its weights."""
         new = cls.__new__(cls)
-        fifo = is_conv1d_like(base)
-        in_f, out_f = base.weight.shape if fifo else base.weight.shape[::-1]
-        _adopt(new, base, ())
-        new.in_features, new.out_features, new.fan_in_fan_out = in_f, out_f, fifo
-        new._init_lora(r, lora_alpha, lora_dropout, merge_weights=False, use_rslora=use_rslora)
+        in_f, out_f = new._adopt_linear(base, r, lora_alpha, lora_dropout, use_rslora)
         new._setup_slices(enable_lora, out_f)
         new._new_lora_params(*new._lora_shapes(r, in_f, out_f), freeze=False)
         new.reset_lora_parameters(init)
         return new
 
     def delta_weight(self) -> Tensor:
-        d = LF.grouped_delta(self.lora_A, self.lora_B, self.scaling, self.enable_lora)  # (out, in)
-        return d.transpose(0, 1) if self.fan_in_fan_out else d
+        return self._weight_layout(LF.grouped_delta(self.lora_A, self.lora_B, self.scaling, self.enable_lora))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.lora_active:
-            w = self.weight.transpose(0, 1) if self.fan_in_fan_out else self.weight
-            return F.linear(x, w, self.bias)
+            return self._base_forward(x)
         if self.lora_fused and FU.fused_eligible(x, self.weight, self.lora_A, self.lora_dropout):
             return FU.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                   self.lora_dropout, self.fan_in_fan_out,
@@ -377,7 +391,6 @@ class MergedLinear(LoraLayer, nn.Linear):
         return LF.fused_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                self.enable_lora, self._lora_cols, self.lora_dropout, self.fan_in_fan_out)
 
-    _build_plain = Linear._build_plain
 
 
 # --- Embedding ---------------------------------------------------------------------------------
