@@ -184,6 +184,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off inside the Function (it casts itself), or nothing when it is off anyway."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the dispatch when it is already ``dtype`` (the common case)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class FusedLoraLinear(torch.autograd.Function):
     """``out = x W^T + b``; ``out[:, o0:o1] += s_eff * (m ⊙ x) A_j^T B_j^T`` for each slice j.
 
@@ -197,21 +212,21 @@ class FusedLoraLinear(torch.autograd.Function):
                 group: _DropGroup | None) -> Tensor:
         cdt = _compute_dtype(x)
         dev = x.device.type
-        with torch.autocast(dev, enabled=False):
+        with _no_autocast(dev):
             in_f = x.shape[-1]
-            x2 = x.reshape(-1, in_f).to(cdt)  # (N, in)
-            w = weight.to(cdt)
+            x2 = _cast(x.reshape(-1, in_f), cdt)  # (N, in)
+            w = _cast(weight, cdt)
             w = w.transpose(0, 1) if fan_in_fan_out else w  # (out, in)
             s_eff = scaling * (keep_scale(p) if p > 0 else 1.0)
-            Ac = A.to(cdt)
-            Bs = (B * s_eff).to(cdt)  # scaling folded into the (rows*k, r) matrix
+            Ac = _cast(A, cdt)
+            Bs = _cast(B * s_eff, cdt)  # scaling folded into the (rows*k, r) matrix
             fold = group is None and keep is None and fold_pays(x2.shape[0], in_f, w.shape[0])
             if fold:  # no dropout, many rows: one GEMM with W' = W + s B A (out*in*r flops)
-                out = F.linear(x2, folded_weight(w, Ac, Bs, slices), None if bias is None else bias.to(cdt))
+                out = F.linear(x2, folded_weight(w, Ac, Bs, slices), None if bias is None else _cast(bias, cdt))
                 # t = x A^T is only needed for grad B
                 t = F.linear(x2, Ac) if ctx.needs_input_grad[4] else None  # (N, in) -> (N, r*k)
             else:
-                out = F.linear(x2, w, None if bias is None else bias.to(cdt))  # (N, in) -> (N, out)
+                out = F.linear(x2, w, None if bias is None else _cast(bias, cdt))  # (N, in) -> (N, out)
                 if group is not None:  # eager dropout: shared seed-regenerated mask
                     group.members += 1
                     masked = group.masked
@@ -221,7 +236,7 @@ class FusedLoraLinear(torch.autograd.Function):
                     masked = torch.where(keep, x, 0)
                 else:
                     masked = x
-                t = F.linear(masked.reshape(-1, in_f).to(cdt), Ac)  # (N, in) @ (in, r*k) -> (N, r*k)
+                t = F.linear(_cast(masked.reshape(-1, in_f), cdt), Ac)  # (N, in) @ (in, r*k) -> (N, r*k)
                 r = A.shape[0] // len(slices)
                 row = 0
                 for j, (o0, o1) in enumerate(slices):
@@ -246,21 +261,21 @@ class FusedLoraLinear(torch.autograd.Function):
         group: _DropGroup | None = ctx.group
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         in_f = x_shape[-1]
-        with torch.autocast(grad_out.device.type, enabled=False):
-            g = grad_out.reshape(-1, grad_out.shape[-1]).to(cdt)  # (N, out)
-            x2 = x.reshape(-1, in_f).to(cdt) if x is not None else None
+        with _no_autocast(grad_out.device.type):
+            g = _cast(grad_out.reshape(-1, grad_out.shape[-1]), cdt)  # (N, out)
+            x2 = _cast(x.reshape(-1, in_f), cdt) if x is not None else None
             mask: Tensor | None = None
             masked = x2
             if dropped:
-                masked = masked_in.reshape(-1, in_f).to(cdt) if masked_in is not None else None
+                masked = _cast(masked_in.reshape(-1, in_f), cdt) if masked_in is not None else None
                 if need_x:  # dropout's backward needs the 0/1 keep mask itself (siblings share one)
-                    mask = keep.to(cdt) if group is None else group.keep_mask(x_shape, grad_out.device)
+                    mask = _cast(keep, cdt) if group is None else group.keep_mask(x_shape, grad_out.device)
                     mask = mask.reshape(-1, in_f)
                 if group is not None:
                     group.finish_backward()
             r = A.shape[0] // len(slices)
-            Ac = A.to(cdt)
-            Bs = (B * s_eff).to(cdt)
+            Ac = _cast(A, cdt)
+            Bs = _cast(B * s_eff, cdt)
             # (r, rows) row-major transposed is the fast BLAS layout for g @ B (2x faster than (rows, r))
             BsT = Bs.transpose(0, 1).contiguous()  # (r, rows*k)
             gB_parts: list[Tensor] = []
@@ -282,7 +297,7 @@ class FusedLoraLinear(torch.autograd.Function):
             gA = gt.transpose(0, 1) @ masked if need_a else None  # (r*k, N) @ (N, in) -> (r*k, in)
             gx = None
             if need_x:
-                w = weight.to(cdt)
+                w = _cast(weight, cdt)
                 w = w.transpose(0, 1) if fifo else w  # (out, in)
                 gx_full = torch.empty(x_shape, dtype=cdt, device=g.device)  # a base tensor, not a view:
                 gx = gx_full.view(-1, in_f)  # autograd can then take it as x.grad without a copy
@@ -294,13 +309,13 @@ class FusedLoraLinear(torch.autograd.Function):
                 else:  # dropout's backward: the LoRA part masked, then the GEMM accumulates into it
                     torch.mm(gt, Ac, out=gx).mul_(mask)  # 0/1 floats: 4x cheaper than torch.where
                     gx.addmm_(g, w)
-                gx = gx_full.to(x_dtype)
+                gx = _cast(gx_full, x_dtype)
             gw = None
             if need_w:
                 gw = (x2.transpose(0, 1) @ g) if fifo else (g.transpose(0, 1) @ x2)  # (in,out) or (out,in)
-                gw = gw.to(weight.dtype)
-            gb = g.sum(0).to(weight.dtype) if (need_b and has_bias) else None
-        return (gx, gw, gb, None if gA is None else gA.to(A.dtype), None if gB is None else gB.to(B.dtype),
+                gw = _cast(gw, weight.dtype)
+            gb = _cast(g.sum(0), weight.dtype) if (need_b and has_bias) else None
+        return (gx, gw, gb, None if gA is None else _cast(gA, A.dtype), None if gB is None else _cast(gB, B.dtype),
                 None, None, None, None, None, None)
 
 
@@ -319,15 +334,16 @@ def fold_pays(n: int, in_f: int, out_f: int) -> bool:
     return n >= FOLD_ROWS_FACTOR * in_f * out_f / (in_f + out_f)
 
 
-def folded_weight(w: Tensor, A: Tensor, Bs: Tensor, slices: Slices) -> Tensor:
-    """``W + Bs A`` per slice, a new (out, in) tensor; ``w`` is (out, in), ``Bs`` already scaled."""
+def folded_weight(w: Tensor, A: Tensor, Bs: Tensor, slices: Slices, alpha: float = 1.0) -> Tensor:
+    """``W + alpha Bs A`` per slice, a new (out, in) tensor; ``w`` is (out, in), ``Bs`` already scaled
+    unless ``alpha`` scales it."""
     if len(slices) == 1 and slices[0] == (0, w.shape[0]):
-        return torch.addmm(w, Bs, A)  # (out, r) @ (r, in) + W
+        return torch.addmm(w, Bs, A, alpha=alpha)  # (out, r) @ (r, in) + W
     wf = w.clone(memory_format=torch.contiguous_format)
     r = A.shape[0] // len(slices)
     row = 0
     for j, (o0, o1) in enumerate(slices):
-        wf[o0:o1].addmm_(Bs[row:row + o1 - o0], A[j * r:(j + 1) * r])
+        wf[o0:o1].addmm_(Bs[row:row + o1 - o0], A[j * r:(j + 1) * r], alpha=alpha)
         row += o1 - o0
     return wf
 
@@ -349,6 +365,56 @@ def fused_eligible(x: Tensor, weight: Tensor, A: Tensor, dropout: nn.Module | No
     if torch.is_autocast_enabled(x.device.type):
         return True
     return x.dtype == weight.dtype == A.dtype
+
+
+def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                   dropout: nn.Module | None, fan_in_fan_out: bool, slices: Slices | None) -> Tensor | None:
+    """The layers' entry: :func:`lora_linear` when :func:`fused_eligible`, else None (plain path).
+
+    One pass over the checks with as few Python-level calls as possible: this runs once per adapted
+    projection per forward, and in token-by-token decoding its overhead is what LoRA costs.
+    """
+    if not _state["enabled"]:
+        return None
+    kind = type(dropout)
+    if kind is nn.Identity or dropout is None:
+        p = 0.0
+    elif kind is nn.Dropout:
+        p = float(dropout.p) if dropout.training else 0.0  # type: ignore[union-attr]
+    else:
+        return None
+    if not x.is_floating_point():
+        return None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and not (x.dtype == weight.dtype == A.dtype):
+        return None
+    if p == 0.0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                                       or weight.requires_grad
+                                                       or (bias is not None and bias.requires_grad))):
+        if autocast or fan_in_fan_out or slices is not None:
+            return _inference(x, weight, bias, A, B, scaling, slices or ((0, B.shape[0]),), fan_in_fan_out)
+        return _inference_linear(x, weight, bias, A, B, scaling)
+    return lora_linear(x, weight, bias, A, B, scaling, dropout, fan_in_fan_out, slices)
+
+
+def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                      scaling: float) -> Tensor:
+    """:func:`_inference` for a plain (out, in) Linear without autocast: the fewest ops."""
+    in_f = x.shape[-1]
+    n = x.numel() // in_f if in_f else 0
+    out_f = weight.shape[0]
+    if n < _SMALL_ROWS:  # decoding: three GEMM calls, no views (their dispatch is the cost here)
+        return F.linear(x, weight, bias).add_(F.linear(F.linear(x, A), B), alpha=scaling)
+    if fold_pays(n, in_f, out_f):
+        return F.linear(x, folded_weight(weight, A, B, ((0, out_f),), scaling), bias)
+    out = F.linear(x, weight, bias)
+    out.view(-1, out_f).addmm_(F.linear(x.reshape(-1, in_f), A), B.transpose(0, 1), alpha=scaling)
+    return out
+
+
+#: Below this many rows the no-grad forward adds ``s (x A^T) B^T`` through a temporary instead of
+#: ``addmm_`` into a 2-d view: the (rows, out) temporary is cheaper than the extra view calls.
+_SMALL_ROWS = 64
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,

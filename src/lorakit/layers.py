@@ -276,6 +276,36 @@ class _LinearLoraMixin(LoraLayer):
     def _base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self._weight_layout(self.weight), self.bias)
 
+    #: Output column ranges that carry a rank-r block (None: all of them, a plain ``Linear``).
+    _lora_slices: FU.Slices | None = None
+
+    def _plain_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The hot path of every adapted projection (210 calls per SmolLM2 token): attributes are read
+        # from the instance dicts directly (nn.Module.__getattr__ and the lora_A/lora_B properties
+        # cost more than the small matmuls in token-by-token decoding). Same logic as ``lora_active``.
+        d = self.__dict__
+        params = d["_parameters"]
+        sel = d.get("_lora_sel")
+        if sel is not None:
+            A, B = sel[0], sel[1]
+        elif "lora_A" in params:
+            A, B = params["lora_A"], params["lora_B"]
+        else:  # no adapter, or a parametrization moved the tensors: the general lookup
+            A, B = getattr(self, "lora_A", None), getattr(self, "lora_B", None)
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        if A is None or d["merged"] or d["lora_disabled"] or d["r"] <= 0:
+            return F.linear(x, weight.transpose(0, 1) if d["fan_in_fan_out"] else weight, bias)
+        if self.lora_fused:
+            out = FU.linear_forward(x, weight, bias, A, B, d["scaling"], d["_modules"]["lora_dropout"],
+                                    d["fan_in_fan_out"], self._lora_slices)
+            if out is not None:
+                return out
+        return self._plain_forward(x, A, B)
+
     def _build_plain(self) -> nn.Module:
         plain = nn.Linear.__new__(nn.Linear)
         _adopt(plain, self, ("in_features", "out_features"))
@@ -319,14 +349,9 @@ class Linear(_LinearLoraMixin, nn.Linear):
     def delta_weight(self) -> Tensor:
         return self._weight_layout(LF.lora_delta(self.lora_A, self.lora_B, self.scaling))  # (out, in)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.lora_active:
-            return self._base_forward(x)
-        if self.lora_fused and FU.fused_eligible(x, self.weight, self.lora_A, self.lora_dropout):
-            return FU.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                  self.lora_dropout, self.fan_in_fan_out)
-        return LF.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                              self.lora_dropout, self.fan_in_fan_out)
+    def _plain_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return LF.lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.lora_dropout,
+                              self.fan_in_fan_out)
 
 
 # --- MergedLinear ------------------------------------------------------------------------------
@@ -352,6 +377,7 @@ class MergedLinear(_LinearLoraMixin, nn.Linear):
             raise LoraConfigError(f"{type(self).__name__}: enable_lora has {len(enable)} entries, which "
                                   f"must divide out_features={out_features} into equal slices")
         self.enable_lora = enable
+        self._lora_slices = FU.merged_slices(enable, out_features)
         self.register_buffer("_lora_cols", LF.enabled_columns(enable, out_features), persistent=False)
 
     def _lora_shapes(self, r: int, in_f: int, out_f: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -381,15 +407,9 @@ class MergedLinear(_LinearLoraMixin, nn.Linear):
     def delta_weight(self) -> Tensor:
         return self._weight_layout(LF.grouped_delta(self.lora_A, self.lora_B, self.scaling, self.enable_lora))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.lora_active:
-            return self._base_forward(x)
-        if self.lora_fused and FU.fused_eligible(x, self.weight, self.lora_A, self.lora_dropout):
-            return FU.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                  self.lora_dropout, self.fan_in_fan_out,
-                                  FU.merged_slices(self.enable_lora, self.out_features))
-        return LF.fused_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                               self.enable_lora, self._lora_cols, self.lora_dropout, self.fan_in_fan_out)
+    def _plain_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return LF.fused_linear(x, self.weight, self.bias, A, B, self.scaling, self.enable_lora, self._lora_cols,
+                               self.lora_dropout, self.fan_in_fan_out)
 
 
 
