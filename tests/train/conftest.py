@@ -25,6 +25,10 @@ def shared_data() -> Path:
     return SHARED
 
 
+# Sizes of the tiny random models (BERT here, Llama in test_cli).
+TINY_DIMS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
 def make_tiny_bert(path: Path, *, dropout: float = 0.0, num_labels: int = 2) -> Path:
     """A 2-layer, 32-wide randomly initialised BERT classifier using MiniLM's tokenizer."""
     import torch
@@ -35,10 +39,7 @@ def make_tiny_bert(path: Path, *, dropout: float = 0.0, num_labels: int = 2) -> 
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY_DIMS,
         max_position_embeddings=128,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,

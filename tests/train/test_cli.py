@@ -16,7 +16,7 @@ from lorakit.train import config as cfgmod
 from lorakit.train.config import TrainConfig, flag
 from lorakit.train.errors import TrainConfigError
 
-from .conftest import cli_args, tiny_eval_options, tiny_train_args
+from .conftest import TINY_DIMS, cli_args, tiny_eval_options, tiny_train_args
 
 COMMANDS = {
     "train": "TrainConfig",
@@ -154,10 +154,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_DIMS,
         num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=tok.bos_token_id,
