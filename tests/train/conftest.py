@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,10 @@ def shared_data() -> Path:
     return SHARED
 
 
+# Sizes of the tiny random models (BERT here, Llama in test_cli).
+TINY_DIMS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
 def make_tiny_bert(path: Path, *, dropout: float = 0.0, num_labels: int = 2) -> Path:
     """A 2-layer, 32-wide randomly initialised BERT classifier using MiniLM's tokenizer."""
     import torch
@@ -33,10 +39,7 @@ def make_tiny_bert(path: Path, *, dropout: float = 0.0, num_labels: int = 2) -> 
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY_DIMS,
         max_position_embeddings=128,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
@@ -72,15 +75,78 @@ def sentiment_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return d / "train.tsv", d / "test.tsv"
 
 
+# --- tiny runs -----------------------------------------------------------------------------------
+# One short sst2 run on the tiny BERT (or any model) and ``sentiment_files``: each test passes only what
+# it varies. ``None`` drops an option (its default applies).
+TINY_TRAIN = {
+    "task": "sst2",
+    "max_train_examples": 64,
+    "max_eval_examples": 32,
+    "max_steps": 6,
+    "batch_size": 8,
+    "max_len": 24,
+    "lr": 5e-3,
+    "log_every": 1,
+    "progress": False,
+}
+TINY_EVAL = {"task": "sst2", "max_eval_examples": 32, "max_len": 24}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = {**base, **overrides}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in merged.items() if v is not None}
+
+
+def tiny_train_options(model: str | Path, files: tuple[Path, Path], **overrides: Any) -> dict[str, Any]:
+    """``TrainConfig.build`` values of a tiny run (``output_dir=`` among the overrides)."""
+    return _merge({**TINY_TRAIN, "model": model, "train_file": files[0], "eval_file": files[1]}, overrides)
+
+
+def tiny_eval_options(model: str | Path, files: tuple[Path, Path], **overrides: Any) -> dict[str, Any]:
+    """``EvalConfig.build`` values scoring the tiny run's eval subset."""
+    return _merge({**TINY_EVAL, "model": model, "eval_file": files[1]}, overrides)
+
+
+def cli_args(command: str, options: dict[str, Any] | None = None, **more: Any) -> list[str]:
+    """``[command, --flag, value, ...]`` for config values (bools -> ``--x`` / ``--no-x``, lists -> nargs)."""
+    from lorakit.train.config import flag
+
+    out = [command]
+    for name, val in _merge(options or {}, more).items():
+        if isinstance(val, bool):
+            out.append(flag(name) if val else "--no-" + flag(name)[2:])
+        elif isinstance(val, (list, tuple)):
+            out += [flag(name), *map(str, val)]
+        else:
+            out += [flag(name), str(val)]
+    return out
+
+
+def tiny_train_args(model: str | Path, files: tuple[Path, Path], **overrides: Any) -> list[str]:
+    """The tiny run as ``lorakit train`` arguments."""
+    return cli_args("train", tiny_train_options(model, files, **overrides))
+
+
+def train_losses(run: Path) -> list[float]:
+    """The train-loss records of a run's ``metrics.jsonl``."""
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["split"] == "train"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment of a ``lorakit`` subprocess: offline, one thread, this checkout's sources first."""
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str, launcher: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m lorakit ARGS`` in a subprocess."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    """Run ``python -m lorakit ARGS`` (or ``LAUNCHER -m lorakit ARGS``) in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "lorakit", *args],
+        [*(launcher or [sys.executable]), "-m", "lorakit", *args],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=cli_env(**(env or {})),
         timeout=timeout,
     )

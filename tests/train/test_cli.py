@@ -16,6 +16,8 @@ from lorakit.train import config as cfgmod
 from lorakit.train.config import TrainConfig, flag
 from lorakit.train.errors import TrainConfigError
 
+from .conftest import TINY_DIMS, cli_args, tiny_eval_options, tiny_train_args
+
 COMMANDS = {
     "train": "TrainConfig",
     "eval": "EvalConfig",
@@ -64,9 +66,10 @@ def test_config_files_equal_flags_and_flags_win(tmp_path: Path) -> None:
         True,
     )
     yml = tmp_path / "run.yaml"
-    yml.write_text("task: cola\nlr: 4.0e-4\nmethod: full\n")
+    assert (cfg.eval_subset_seed, parse("--eval-subset-seed", "5").eval_subset_seed) == (1, 5)
+    yml.write_text("task: cola\nlr: 4.0e-4\nmethod: full\neval-subset-seed: 3\n")
     cfg = parse("--config", str(yml))
-    assert (cfg.task, cfg.lr, cfg.method, cfg.r) == ("cola", 4e-4, "full", 8)
+    assert (cfg.task, cfg.lr, cfg.method, cfg.r, cfg.eval_subset_seed) == ("cola", 4e-4, "full", 8, 3)
     yml.write_text("task: cola\nrank: 4\n")
     with pytest.raises(TrainConfigError, match="unknown key 'rank'"):
         parse("--config", str(yml))
@@ -108,50 +111,11 @@ def test_train_eval_merge_round_trip(
     from lorakit.train.commands import load_for_task
 
     run = tmp_path / "run"
-    files = ["--train-file", str(sentiment_files[0]), "--eval-file", str(sentiment_files[1])]
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(tiny_bert),
-                *files,
-                "--max-train-examples",
-                "32",
-                "--max-steps",
-                "3",
-                "--batch-size",
-                "8",
-                "--max-len",
-                "24",
-                "--lr",
-                "1e-2",
-                "--output-dir",
-                str(run),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    args = tiny_train_args(tiny_bert, sentiment_files, max_train_examples=32, max_steps=3, lr=1e-2, output_dir=run)
+    assert main(args) == 0
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(tiny_bert),
-                "--adapter",
-                str(run / "adapter"),
-                "--eval-file",
-                str(sentiment_files[1]),
-                "--max-len",
-                "24",
-                "--output",
-                str(tmp_path / "ev.json"),
-            ]
-        )
-        == 0
-    )
+    ev_opts = tiny_eval_options(tiny_bert, sentiment_files, adapter=run / "adapter", output=tmp_path / "ev.json")
+    assert main(cli_args("eval", ev_opts, max_eval_examples=None)) == 0  # the whole file
     ev = json.loads(capsys.readouterr().out)
     assert ev == json.loads((tmp_path / "ev.json").read_text()) and 0 <= ev["accuracy"] <= 1 and ev["n"] == 76
     merged_dir = tmp_path / "merged"
@@ -190,10 +154,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_DIMS,
         num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=tok.bos_token_id,
@@ -212,75 +173,20 @@ def test_e2e_train_generate_bleu(
     data = tmp_path / "e2e.txt"
     data.write_text(E2E_LINES)
     run = tmp_path / "e2e"
-    gen = ["--num-beams", "2", "--max-new-tokens", "6"]
-    assert (
-        main(
-            [
-                "train",
-                "--task",
-                "e2e",
-                "--model",
-                str(tiny_llama),
-                "--train-file",
-                str(data),
-                "--e2e-dev-fraction",
-                "0.25",
-                "--max-steps",
-                "3",
-                "--batch-size",
-                "4",
-                "--lr",
-                "1e-2",
-                "--output-dir",
-                str(run),
-                "--no-progress",
-                *gen,
-            ]
-        )
-        == 0
-    )
+    model = {"model": tiny_llama, "num_beams": 2, "max_new_tokens": 6}
+    train_opts = {"task": "e2e", "train_file": data, "e2e_dev_fraction": 0.25, "max_steps": 3, "batch_size": 4}
+    assert main(cli_args("train", model, **train_opts, lr=1e-2, output_dir=run, progress=False)) == 0
     res = json.loads((run / "results.json").read_text())
     assert res["final"]["n_mrs"] == 3 and 0 <= res["final"]["bleu"] <= 100
     assert len((run / "generations.txt").read_text().splitlines()) == 3
     conf = json.loads((run / "config.json").read_text())
     assert conf["targets"] == ["q_proj", "v_proj"] and conf["n_train"] == 18  # 9 train MRs x 2 refs
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(tiny_llama),
-                "--adapter",
-                str(run / "adapter"),
-                "--prompt",
-                "name : Aromi | food : Thai",
-                "name : Cotto | area : riverside",
-                *gen,
-            ]
-        )
-        == 0
-    )
+    prompts = ["name : Aromi | food : Thai", "name : Cotto | area : riverside"]
+    assert main(cli_args("generate", model, adapter=run / "adapter", prompt=prompts)) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
-    assert (
-        main(
-            [
-                "eval",
-                "--task",
-                "e2e",
-                "--model",
-                str(tiny_llama),
-                "--adapter",
-                str(run / "adapter"),
-                "--eval-file",
-                str(data),
-                "--max-eval-examples",
-                "2",
-                *gen,
-            ]
-        )
-        == 0
-    )
+    eval_opts = {"task": "e2e", "adapter": run / "adapter", "eval_file": data, "max_eval_examples": 2}
+    assert main(cli_args("eval", model, **eval_opts)) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["n_mrs"] == 2 and "bleu" in ev and "loss" in ev
 

@@ -18,31 +18,11 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.errors import DataError, ModelLoadError, ResumeError, TrainConfigError
 from lorakit.train.loop import Trainer, train
 
-from .conftest import REPO
+from .conftest import cli_env, run_cli, tiny_eval_options, tiny_train_args, tiny_train_options, train_losses
 
 
-def losses(run: Path) -> list[float]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in recs if r["split"] == "train"]
-
-
-def tiny_cfg(model: Path, files: tuple[Path, Path], out: Path, **kw: object) -> TrainConfig:
-    base = {
-        "task": "sst2",
-        "model": str(model),
-        "train_file": str(files[0]),
-        "eval_file": str(files[1]),
-        "output_dir": str(out),
-        "max_steps": 6,
-        "batch_size": 8,
-        "max_len": 24,
-        "lr": 5e-3,
-        "log_every": 1,
-        "progress": False,
-        "max_train_examples": 64,
-        "max_eval_examples": 32,
-    }
-    return TrainConfig.build({**base, **kw})
+def tiny_cfg(model: str | Path, files: tuple[Path, Path], out: Path, **kw: object) -> TrainConfig:
+    return TrainConfig.build(tiny_train_options(model, files, output_dir=out, **kw))
 
 
 @pytest.mark.slow
@@ -51,31 +31,15 @@ def test_minilm_lora_few_steps(tmp_path: Path, sentiment_files: tuple[Path, Path
     from lorakit.train.commands import load_for_task
     from lorakit.train.evaluate import evaluate
 
-    cfg = TrainConfig.build(
-        {
-            "task": "sst2",
-            "model": "minilm",
-            "train_file": str(sentiment_files[0]),
-            "eval_file": str(sentiment_files[1]),
-            "max_train_examples": 32,
-            "max_eval_examples": 32,
-            "max_steps": 8,
-            "batch_size": 4,
-            "max_len": 32,
-            "output_dir": str(tmp_path / "run"),
-            "eval_every": 4,
-            "lr": 1e-3,
-            "log_every": 1,
-            "progress": False,
-        }
-    )
+    options = {"max_train_examples": 32, "max_steps": 8, "batch_size": 4, "max_len": 32, "eval_every": 4}
+    cfg = tiny_cfg("minilm", sentiment_files, tmp_path / "run", **options, lr=1e-3)
     trainer = Trainer(cfg)
     res = trainer.run()
     run = tmp_path / "run"
     for name in ("metrics.jsonl", "loss.png", "config.json", "results.json", "adapter/adapter_config.json"):
         assert (run / name).is_file(), name
     assert not (run / ckpt.CHECKPOINT).exists()  # removed once the run finished
-    assert len(losses(run)) == 8 and all(l == l for l in losses(run))
+    assert len(train_losses(run)) == 8 and all(l == l for l in train_losses(run))
     assert res["trainable_params"] == 74_498 and res["trainable_fraction"] < 0.004
     conf = json.loads((run / "config.json").read_text())
     assert (
@@ -100,30 +64,10 @@ def test_methods_full_and_head(tmp_path: Path, tiny_bert: Path, sentiment_files:
     assert full["trainable_params"] == full["total_params"]
     assert head["trainable_params"] == 32 * 2 + 2
     assert (tmp_path / "full/model/config.json").is_file()
-    ev = run_eval(
-        EvalConfig.build(
-            {
-                "task": "sst2",
-                "model": str(tiny_bert),
-                "head": str(tmp_path / "head/head.safetensors"),
-                "eval_file": str(sentiment_files[1]),
-                "max_eval_examples": 32,
-                "max_len": 24,
-            }
-        )
-    )
+    head_file = tmp_path / "head/head.safetensors"
+    ev = run_eval(EvalConfig.build(tiny_eval_options(tiny_bert, sentiment_files, head=head_file)))
     assert ev["accuracy"] == pytest.approx(head["final"]["accuracy"])
-    ev = run_eval(
-        EvalConfig.build(
-            {
-                "task": "sst2",
-                "model": str(tmp_path / "full/model"),
-                "eval_file": str(sentiment_files[1]),
-                "max_eval_examples": 32,
-                "max_len": 24,
-            }
-        )
-    )
+    ev = run_eval(EvalConfig.build(tiny_eval_options(tmp_path / "full/model", sentiment_files)))
     assert ev["loss"] == pytest.approx(full["final"]["loss"], abs=1e-5)
 
 
@@ -132,7 +76,7 @@ def test_grad_accumulation_matches_big_batch(
 ) -> None:
     train(tiny_cfg(tiny_bert, sentiment_files, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=4))
     train(tiny_cfg(tiny_bert, sentiment_files, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=4))
-    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
+    assert train_losses(tmp_path / "a") == pytest.approx(train_losses(tmp_path / "b"), rel=1e-5)
 
 
 def test_errors_come_before_training(
@@ -167,6 +111,36 @@ def test_errors_come_before_training(
         Trainer(tiny_cfg(tiny_bert, sentiment_files, run))
 
 
+def test_eval_subset_does_not_follow_the_training_seed(
+    tmp_path: Path, tiny_bert: Path, sentiment_files: tuple[Path, Path]
+) -> None:
+    from lorakit.train.commands import run_eval
+    from lorakit.train.config import EvalConfig
+    from lorakit.train.data import read_examples, subsample
+
+    runs = {name: tmp_path / name for name in ("s0", "s1", "e2")}
+    kw = {"max_eval_examples": 16, "max_steps": 2}
+    t0, t1 = (Trainer(tiny_cfg(tiny_bert, sentiment_files, runs[f"s{s}"], seed=s, **kw)) for s in (0, 1))
+    t2 = Trainer(tiny_cfg(tiny_bert, sentiment_files, runs["e2"], eval_subset_seed=2, **kw))
+    assert t0.train_raw != t1.train_raw  # --seed does pick another training subset ...
+    assert len(t0.eval_raw) == 16 and t0.eval_raw == t1.eval_raw  # ... but not another dev subset
+    assert len(t2.eval_raw) == 16 and t2.eval_raw != t0.eval_raw
+    # The default keeps the subset that seed-0 runs drew before the option existed (--seed + 1).
+    dev = list(read_examples(sentiment_files[1], t0.spec))
+    assert t0.eval_raw == subsample(dev, 16, 1)
+    for t in (t0, t1, t2):
+        t.run()
+    conf = {name: json.loads((run / "config.json").read_text()) for name, run in runs.items()}
+    assert [c["n_eval"] for c in conf.values()] == [16, 16, 16]
+    assert conf["s0"]["eval_digest"] == conf["s1"]["eval_digest"] != conf["e2"]["eval_digest"]
+    assert (conf["s0"]["seed"], conf["s1"]["eval_subset_seed"], conf["e2"]["eval_subset_seed"]) == (0, 1, 2)
+    # lorakit eval draws the same subset whatever its --seed, and follows --eval-subset-seed.
+    for seed, subset_seed, run in ((0, None, "s0"), (7, None, "s1"), (0, 2, "e2")):
+        opts = tiny_eval_options(tiny_bert, sentiment_files, max_eval_examples=16, eval_subset_seed=subset_seed)
+        ev = run_eval(EvalConfig.build({**opts, "seed": seed}))
+        assert (ev["n"], ev["eval_digest"]) == (16, conf[run]["eval_digest"])
+
+
 SLOW_STEP = (
     "import sys, time, torch\n"
     "orig = torch.optim.AdamW.step\n"
@@ -182,58 +156,22 @@ SLOW_STEP = (
 def test_resume_after_kill_9_matches_uninterrupted(
     tmp_path: Path, tiny_bert_dropout: Path, sentiment_files: tuple[Path, Path]
 ) -> None:
-    args = [
-        "train",
-        "--task",
-        "sst2",
-        "--model",
-        str(tiny_bert_dropout),
-        "--train-file",
-        str(sentiment_files[0]),
-        "--eval-file",
-        str(sentiment_files[1]),
-        "--max-train-examples",
-        "64",
-        "--max-eval-examples",
-        "32",
-        "--max-steps",
-        "12",
-        "--batch-size",
-        "8",
-        "--max-len",
-        "24",
-        "--lr",
-        "5e-3",
-        "--lora-dropout",
-        "0.1",
-        "--log-every",
-        "1",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "3",
-        "--no-progress",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    ref = subprocess.run(
-        [sys.executable, "-m", "lorakit", *args, "--output-dir", str(tmp_path / "ref")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    args = tiny_train_args(
+        tiny_bert_dropout, sentiment_files, max_steps=12, lora_dropout=0.1, save_every=2, eval_every=3
     )
+    ref = run_cli(*args, "--output-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_STEP, *args, "--output-dir", str(run)],
-        env=env,
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 180
     while time.time() < deadline:
-        if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 7 and (run / ckpt.CHECKPOINT).is_file():
+        if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 7 and (run / ckpt.CHECKPOINT).is_file():
             break
         assert proc.poll() is None, "training finished before it could be killed"
         time.sleep(0.05)
@@ -245,25 +183,13 @@ def test_resume_after_kill_9_matches_uninterrupted(
     assert 4 <= resumed_from < 12
 
     # Resuming with a different learning rate is refused; the same config continues.
-    bad = subprocess.run(
-        [sys.executable, "-m", "lorakit", *args, "--output-dir", str(run), "--resume", "--lr", "1e-3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    bad = run_cli(*args, "--output-dir", str(run), "--resume", "--lr", "1e-3")
     assert bad.returncode == 2 and "--lr: checkpoint 0.005 vs now 0.001" in bad.stderr
-    res = subprocess.run(
-        [sys.executable, "-m", "lorakit", *args, "--output-dir", str(run), "--resume"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    res = run_cli(*args, "--output-dir", str(run), "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
 
-    assert losses(run) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6, abs=1e-7)
-    assert len(losses(run)) == 12
+    assert train_losses(run) == pytest.approx(train_losses(tmp_path / "ref"), rel=1e-6, abs=1e-7)
+    assert len(train_losses(run)) == 12
     a = json.loads((run / "results.json").read_text())
     b = json.loads((tmp_path / "ref" / "results.json").read_text())
     assert a["final"] == pytest.approx(b["final"]) and a["best"] == pytest.approx(b["best"])

@@ -11,7 +11,7 @@ import torch
 
 from lorakit.train.batching import encode_classification, encode_lm
 from lorakit.train.config import EvalConfig, GenerateConfig, MergeConfig
-from lorakit.train.data import get_task, load_task_data, read_e2e, read_examples, subsample
+from lorakit.train.data import eval_digest, get_task, load_task_data, read_e2e, read_examples, subsample
 from lorakit.train.errors import TrainConfigError
 from lorakit.train.evaluate import decoding, evaluate, generate, score_e2e
 from lorakit.train.loop import use_bf16
@@ -49,7 +49,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         data = read_examples(cfg.eval_file, spec)
     else:
         _, data = load_task_data(spec, cfg.data_dir, seed=cfg.seed, dev_fraction=cfg.e2e_dev_fraction)
-    data = subsample(list(data), cfg.max_eval_examples, cfg.seed + 1)
+    data = subsample(list(data), cfg.max_eval_examples, cfg.eval_subset_seed)
     model, tok = load_for_task(cfg.model, spec.kind, spec.num_labels, cfg.adapter, cfg.head)
     device = _device()
     model.to(device)
@@ -75,7 +75,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         res = evaluate(
             model, spec, feats, pad_id=pad, batch_size=cfg.eval_batch_size, device=device, bf16=bf16
         )
-    res = {"task": spec.name, "n": len(data), **res}
+    res = {"task": spec.name, "n": len(data), "eval_digest": eval_digest(data), **res}
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(res, indent=2))
     return res

@@ -185,6 +185,10 @@ def _coerce(name: str, val: Any, tp: Any) -> Any:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# Seed of the --max-eval-examples dev subset, fixed apart from --seed so that runs with different training
+# seeds are scored on the same examples. 1 keeps the subset that seed-0 runs drew before the option existed
+# (it was --seed + 1), so earlier seed-0 results stay comparable.
+EVAL_SUBSET_SEED = 1
 METHODS = ("lora", "full", "head")
 
 
@@ -219,7 +223,12 @@ class TrainConfig(DecodeOptions):
         None, "use a seeded random subset of this many training examples", lo=1
     )
     max_eval_examples: int | None = opt(
-        None, "use a seeded random subset of this many eval examples / MRs", lo=1
+        None, "use a seeded random subset of this many eval examples / MRs (see --eval-subset-seed)", lo=1
+    )
+    eval_subset_seed: int = opt(
+        EVAL_SUBSET_SEED,
+        "seed of the --max-eval-examples subset; independent of --seed, so runs with different seeds "
+        "are scored on the same examples",
     )
     e2e_dev_fraction: float = opt(
         0.1,
@@ -303,12 +312,15 @@ class EvalConfig(DecodeOptions):
     eval_file: str | None = opt(None, "file to score (default: the task's shared dev set)")
     data_dir: str | None = opt(None, "directory holding glue/ and e2e/")
     max_eval_examples: int | None = opt(
-        None, "score a seeded random subset of this many examples / MRs", lo=1
+        None, "score a seeded random subset of this many examples / MRs (see --eval-subset-seed)", lo=1
+    )
+    eval_subset_seed: int = opt(
+        EVAL_SUBSET_SEED, "seed of the --max-eval-examples subset (the same default as lorakit train)"
     )
     e2e_dev_fraction: float = opt(
         0.1, "E2E: dev fraction when splitting a single file by MR", lo=0.0, hi=1.0, lo_open=True
     )
-    seed: int = opt(0, "seed of the subset / E2E split (use the training run's)")
+    seed: int = opt(0, "seed of the E2E train/dev split of a single file (use the training run's)")
     max_len: int = opt(128, "maximum tokens per example", lo=8)
     eval_batch_size: int = opt(64, "batch size", lo=1)
     precision: str = opt("auto", "auto / fp32 / bf16", choices=PRECISIONS)

@@ -217,6 +217,13 @@ def subsample(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
+def eval_digest(items: Sequence) -> str:
+    """Short hash of examples / MR groups: runs and evals with equal digests were scored on the same set."""
+    import hashlib
+
+    return hashlib.sha256(repr(list(items)).encode("utf-8")).hexdigest()[:12]
+
+
 def default_data_dir() -> Path:
     """``$LORAKIT_DATA`` or ``../shared/data`` (relative to the working directory)."""
     return Path(os.environ.get("LORAKIT_DATA", "../shared/data"))

@@ -22,7 +22,7 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
 from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import TaskSpec, get_task, load_task_data, subsample
+from lorakit.train.data import TaskSpec, eval_digest, get_task, load_task_data, subsample
 from lorakit.train.errors import DataError, TrainConfigError
 from lorakit.train.evaluate import autocast, decoding, evaluate, loss_sum, model_inputs, score_e2e
 from lorakit.train.methods import apply_method, save_result
@@ -94,7 +94,7 @@ class Trainer:
             self.spec, c.data_dir, c.train_file, c.eval_file, seed=c.seed, dev_fraction=c.e2e_dev_fraction
         )
         self.train_raw = subsample(train, c.max_train_examples, c.seed)
-        self.eval_raw = subsample(dev, c.max_eval_examples, c.seed + 1)
+        self.eval_raw = subsample(dev, c.max_eval_examples, c.eval_subset_seed)
         self.schedule = Schedule(
             self._n_train_units(), c.batch_size, c.grad_accum, self.ctx.world_size, c.seed
         )
@@ -194,6 +194,7 @@ class Trainer:
             "device": str(device),
             "n_train": self.schedule.n_examples,
             "n_eval": len(self.eval_feats),
+            "eval_digest": eval_digest(self.eval_raw),
             **self.method_info,
         }
         if ctx.is_main:
