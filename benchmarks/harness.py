@@ -144,6 +144,8 @@ def parse(argv: Sequence[str] | None = None, extra: Callable[[argparse.ArgumentP
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with this process's CPU time instead of wall time (use with --threads 1)")
     ap.add_argument("--json-out", help="also write the table rows as JSON here")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every variant in this process (no clean peak RSS; the default with --smoke)")
     if extra:
         extra(ap)
     args = ap.parse_args(argv)
@@ -177,11 +179,16 @@ def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespa
         return []
     pass_on = [a for a in raw if a not in ("--only",) and a not in (args.only or [])]
     args.load_before = os.getloadavg()[0]
+    in_process = args.in_process or args.smoke
+    if in_process:
+        setup_torch(args.threads)
+        if args.cpu_time:
+            _clock["now"] = time.process_time
     rows = []
     for name in variants:
         if args.only and name not in args.only and name != anchor:
             continue
-        res = _child(module, name, pass_on)
+        res = asdict(variants[name](args)) if in_process else _child(module, name, pass_on)
         res["variant"] = name
         rows.append(res)
     args.load_after = os.getloadavg()[0]

@@ -1,0 +1,97 @@
+"""Inference variants timed in ONE process, interleaved rep by rep (base vs unmerged vs merged).
+
+    python -m benchmarks.interleaved_inference --model smollm2 --threads 1      # greedy generation
+    python -m benchmarks.interleaved_inference --model minilm --threads 1       # forward 32x128
+
+The same workloads as :mod:`benchmarks.bench_inference`, but every variant's model lives in this
+process and the calls alternate (base, lorakit-unmerged, lorakit-merged, base, ...), timed by this
+process's CPU time (``--wall`` for wall time on a quiet machine), so machine-load drift between
+processes does not enter the ratios. ``--batch`` sets the generation batch (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import lorakit
+from benchmarks.bench_inference import _randomize_b
+from benchmarks.harness import setup_torch
+from benchmarks.models import load
+
+
+def _variant(base: nn.Module, name: str, r: int) -> nn.Module:
+    if name == "base":
+        return base
+    model = copy.deepcopy(base)
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, targets="all-linear"))
+    _randomize_b(model)
+    if name == "lorakit-merged":
+        lorakit.merge(model)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("minilm", "smollm2"), default="smollm2")
+    ap.add_argument("--variants", default="base,lorakit-unmerged,lorakit-merged")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="rows (default: 1 for generation, 32 for minilm)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--wall", action="store_true", help="time wall clock (quiet machine) not CPU time")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    setup_torch(args.threads)
+    base = load(args.model, args.smoke).eval()
+    r = 8 if args.model == "minilm" else 16
+    names = args.variants.split(",")
+    models = {n: _variant(base, n, r) for n in names}
+    if args.model == "minilm":
+        batch, seq = (2, 16) if args.smoke else (args.batch or 32, 128)
+        ids = torch.randint(0, base.config.vocab_size, (batch, seq))
+        what = f"forward {batch}x{seq}"
+
+        def call(m: nn.Module) -> Callable[[], None]:
+            return lambda: m(input_ids=ids)
+    else:
+        new = 4 if args.smoke else args.new_tokens
+        ids = torch.randint(0, base.config.vocab_size, (args.batch or 1, args.prompt))
+        base.generation_config.pad_token_id = base.generation_config.eos_token_id
+        what = f"greedy generation, batch {ids.shape[0]}, prompt {ids.shape[1]}, {new} new tokens"
+
+        def call(m: nn.Module) -> Callable[[], None]:
+            m.generation_config.pad_token_id = m.generation_config.eos_token_id
+            return lambda: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True)
+    steps = {n: call(m) for n, m in models.items()}
+    reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
+    clock = time.perf_counter if args.wall else time.process_time
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for f in steps.values():
+                f()
+        for _ in range(reps):
+            for n, f in steps.items():
+                t0 = clock()
+                f()
+                times[n].append((clock() - t0) * 1e3)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    print(f"### {args.model} {what}, all-linear r={r}, interleaved in one process, "
+          f"{torch.get_num_threads()} thread(s), {'wall' if args.wall else 'CPU'} time, "
+          f"median of {reps} after {warmup} warm-up\n")
+    print(f"| variant | median ms | × {names[0]} |\n|---|---|---|")
+    for n in names:
+        print(f"| {n} | {med[n]:.1f} | {med[n] / med[names[0]]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

