@@ -31,6 +31,7 @@ SCRIPTS = [
     ("benchmarks.interleaved_inference", ["--model", "smollm2", "--threads", "1"], 3),
     ("benchmarks.interleaved_inference", ["--model", "minilm", "--threads", "1"], 3),
     ("benchmarks.micro_fused", ["--threads", "1"], 4),
+    ("benchmarks.profile_step", ["--model", "minilm"], 7),
 ]
 
 
