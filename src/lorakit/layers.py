@@ -276,6 +276,11 @@ class _LinearLoraMixin(LoraLayer):
     def _base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self._weight_layout(self.weight), self.bias)
 
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)  # type: ignore[arg-type]
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
     #: Output column ranges that carry a rank-r block (None: all of them, a plain ``Linear``).
     _lora_slices: FU.Slices | None = None
 
@@ -331,11 +336,6 @@ class Linear(_LinearLoraMixin, nn.Linear):
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
 
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
     @classmethod
     def from_module(cls, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
                     use_rslora: bool = False, init: str = "kaiming") -> Linear:
@@ -387,11 +387,6 @@ class MergedLinear(_LinearLoraMixin, nn.Linear):
     @property
     def has_lora(self) -> bool:
         return super().has_lora and any(self.enable_lora)
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
 
     @classmethod
     def from_module(cls, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
