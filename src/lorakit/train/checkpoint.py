@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +78,26 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable tensors back into the model (names must match exactly)."""
+def copy_into_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                         unknown_error: Callable[[list[str]], Exception]) -> None:
+    """Copy ``state`` into the model's parameters of the same names (cast to their dtype and device).
+
+    Checks every name first and raises ``unknown_error(names)`` for any the model lacks, so a bad
+    file leaves the model unchanged.
+    """
     params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise ResumeError(f"checkpoint has parameters the model lacks: {missing[:5]}")
+    unknown = [n for n in state if n not in params]
+    if unknown:
+        raise unknown_error(unknown[:5])
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            params[n].copy_(t)
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors back into the model (names must match exactly)."""
+    copy_into_parameters(model, state, lambda names: ResumeError(
+        f"checkpoint has parameters the model lacks: {names}"))
 
 
 def rng_state() -> dict[str, Any]:

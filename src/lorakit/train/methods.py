@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lorakit.atomic import atomic_dir, atomic_write
-from lorakit.train.checkpoint import trainable_state
+from lorakit.train.checkpoint import copy_into_parameters, trainable_state
 from lorakit.train.errors import TrainConfigError
 from lorakit.train.models import default_targets, head_modules
 
@@ -105,14 +105,8 @@ def load_head(model: torch.nn.Module, path: str | Path) -> None:
     """Load a head-only run's ``head.safetensors`` into a freshly loaded model."""
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    params = dict(model.named_parameters())
-    unknown = [k for k in state if k not in params]
-    if unknown:
-        raise TrainConfigError(f"--head: {path} holds tensors the model lacks: {unknown[:5]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v)
+    copy_into_parameters(model, load_file(str(path)), lambda names: TrainConfigError(
+        f"--head: {path} holds tensors the model lacks: {names}"))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
