@@ -219,6 +219,18 @@ def test_cached_stacks_follow_optimizer_steps_and_restore_layers() -> None:
     torch.testing.assert_close(got, per_row(model, x, NAMES), rtol=1e-5, atol=1e-6)
 
 
+def test_nested_blocks_inner_names_win() -> None:
+    model = mlp()
+    x = torch.randn(4, 2, 12)
+    outer, inner = ["b", "c", "base", "default"], ["c", "default", "b", "c"]
+    want_outer, want_inner = per_row(model, x, outer), per_row(model, x, inner)
+    with torch.no_grad(), lorakit.batch_adapters(model, outer):
+        with lorakit.batch_adapters(model, inner):
+            torch.testing.assert_close(model(x), want_inner, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), want_outer, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_one_adapter_on_every_row_uses_the_layer_forward() -> None:
     model = mlp()
     x = torch.randn(4, 10, 12)

@@ -158,12 +158,14 @@ def _drop_rows(xb: Tensor, plan: RowPlan, dropouts: Sequence[nn.Module] | None) 
 
 
 def mixed_linear_delta(x: Tensor, out: Tensor, plan: RowPlan, At: Tensor, Bt: Tensor,
-                       dropouts: Sequence[nn.Module] | None = None) -> Tensor:
+                       dropouts: Sequence[nn.Module] | None = None,
+                       grouped: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``out`` plus each row's own low-rank path (see the module docstring); in place without grad.
 
     ``x`` is (batch, ..., in), ``out`` the base output (batch, ..., out); ``At`` (G+1, in, r) and
     ``Bt`` (G+1, r, out) the stacks from :func:`build_stacks` following ``plan.groups``.
-    ``dropouts`` (one per group, or one for all) act on the low-rank path's input.
+    ``dropouts`` (one per group, or one for all) act on the low-rank path's input. ``grouped`` may
+    pass ``(At[:G], Bt[:G])`` (cached views: saves two slicing ops per decoding step).
     """
     bsz, in_f, out_f = x.shape[0], x.shape[-1], out.shape[-1]
     xb = x.reshape(bsz, -1, in_f)  # (batch, T, in)
@@ -182,13 +184,14 @@ def mixed_linear_delta(x: Tensor, out: Tensor, plan: RowPlan, At: Tensor, Bt: Te
     xg = xg.reshape(g, m * t_len, in_f).to(At.dtype)  # (G, M*T, in)
     if dropouts:
         xg = dropouts[0](xg) if len(dropouts) == 1 else torch.stack([d(xg[i]) for i, d in enumerate(dropouts)])
-    t = torch.bmm(xg, At[:g])  # (G, M*T, r)
+    Atg, Btg = grouped if grouped is not None else (At[:g], Bt[:g])
+    t = torch.bmm(xg, Atg)  # (G, M*T, r)
     if plan.gather is None:  # rows already grouped: out viewed (G, M*T, out)
         if inplace:
-            ob.view(g, m * t_len, out_f).baddbmm_(t, Bt[:g])
+            ob.view(g, m * t_len, out_f).baddbmm_(t, Btg)
             return out
-        return (ob + torch.bmm(t, Bt[:g]).view(ob.shape).to(out.dtype)).view(out.shape)
-    y = torch.bmm(t, Bt[:g]).view(g * m, t_len, out_f)
+        return (ob + torch.bmm(t, Btg).view(ob.shape).to(out.dtype)).view(out.shape)
+    y = torch.bmm(t, Btg).view(g * m, t_len, out_f)
     if plan.src is not None:
         y = y.index_select(0, plan.src)  # drop the padding rows
     if inplace:

@@ -88,8 +88,9 @@ class _MixedBatch:
             self.plans[key] = plan_rows(self.row_names(bsz), available, device)
         return self.plans[key]
 
-    def weights(self, st: _LayerState, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, list[nn.Module]]:
-        """Stacks ``At`` (G+1, in, r), ``Bt`` (G+1, r, out) (scaled, zero slot last) and the dropouts.
+    def weights(self, st: _LayerState, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, list[nn.Module], Any]:
+        """Stacks ``At`` (G+1, in, r), ``Bt`` (G+1, r, out) (scaled, zero slot last), the dropouts and
+        (cached only) the views ``(At[:G], Bt[:G])``.
 
         In grad mode (a trainable adapter among them) they are built from the Parameters; otherwise
         cached per (layer, adapter set) in the registry and rebuilt when an adapter tensor changed
@@ -110,7 +111,7 @@ class _MixedBatch:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             pairs = [_pair(layer, s) for s in slots]
             At, Bt = build_stacks([p[0] for p in pairs], [p[1] for p in pairs], [s.scaling for s in slots])
-            return At, Bt, drops
+            return At, Bt, drops, None
         versions = [t._version for t in tensors]
         if hit is None or hit[0] != versions:
             key = (id(layer), groups)  # several adapter sets stay cached (batches of 1, 4, 8 adapters...)
@@ -120,12 +121,14 @@ class _MixedBatch:
                     pairs = [_pair(layer, s) for s in slots]
                     At, Bt = build_stacks([p[0].detach() for p in pairs], [p[1].detach() for p in pairs],
                                           [s.scaling for s in slots])
-                hit = (versions, ids, At.contiguous(), Bt.contiguous())
+                At, Bt = At.contiguous(), Bt.contiguous()
+                g = len(groups)
+                hit = (versions, ids, At, Bt, (At[:g], Bt[:g]))
                 if len(self.reg.stacks) >= _MAX_SETS_PER_LAYER * max(len(self.reg.layers), 1):
                     self.reg.stacks.clear()  # bound the cache: a few sets per layer
                 self.reg.stacks[key] = hit
             ent[4] = hit
-        return hit[2], hit[3], drops
+        return hit[2], hit[3], drops, hit[4]
 
     def _forward(self, st: _LayerState, orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
         layer = st.layer
@@ -151,12 +154,13 @@ class _MixedBatch:
                 finally:
                     d["_lora_sel"] = _ABSENT
             out = orig(x, *args, **kwargs)
-            At, Bt, drops = self.weights(st, plan.groups)
+            At, Bt, drops, grouped = self.weights(st, plan.groups)
             if embedding:
                 return mixed_embedding_delta(x, out, plan, At, Bt, drops, layer.padding_idx,  # type: ignore[attr-defined]
                                              layer.scale_grad_by_freq)  # type: ignore[attr-defined]
-            return mixed_linear_delta(x, out, plan, At, Bt, drops)
+            return mixed_linear_delta(x, out, plan, At, Bt, drops, grouped)
 
+        forward._lorakit_orig = orig  # type: ignore[attr-defined]  # a nested block runs on this
         return forward
 
     def enter(self) -> None:
@@ -175,8 +179,9 @@ class _MixedBatch:
                                tuple(d.get(k, _NONE) for k in _POINTED), layer._modules.get("lora_dropout")))
             layer.unmerge()
             d["_lora_sel"] = _ABSENT
-            if avail:
-                d["forward"] = self._forward(_LayerState(layer, avail), layer.forward)
+            if avail:  # a nested block replaces the outer block's rows (it calls the outer's base forward)
+                orig = getattr(prev, "_lorakit_orig", None) or layer.forward
+                d["forward"] = self._forward(_LayerState(layer, avail), orig)
 
     def exit(self) -> None:
         for layer, sel, merged, prev, attrs, dropout in reversed(self.saved):
@@ -204,7 +209,9 @@ def batch_adapters(model: nn.Module, names_per_row: Sequence[str]) -> Iterator[N
 
     One forward, batched matmuls (see :mod:`lorakit.batched`); works for training (each adapter
     gets gradients from its own rows only) and inside ``model.generate`` (rows repeated for beams).
-    Merged layers are unmerged for the block and re-merged after.
+    Linear, MergedLinear (fused qkv) and Embedding LoRA layers take part; a convolution carrying one
+    of the named adapters raises :class:`~lorakit.errors.MixedBatchError`. Merged layers are
+    unmerged for the block and re-merged after; each layer's class ``forward`` is back after it.
     """
     reg = _registry(model)
     if isinstance(names_per_row, str) or not isinstance(names_per_row, Sequence) or not names_per_row:
