@@ -279,6 +279,10 @@ def test_mixed_merged_linear_and_embedding_equal_single_rows(tokens: int) -> Non
     with torch.no_grad(), lorakit.batch_adapters(model, NAMES):
         torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
     assert model.qkv.merged and model.emb.merged
+    for name in ["b", "c"]:  # one adapter on every row: the layers' own forwards, pointed at it
+        want = per_row(model, ids, [name] * len(NAMES))
+        with torch.no_grad(), lorakit.batch_adapters(model, [name] * len(NAMES)):
+            torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tokens", [3, 10])
