@@ -341,3 +341,20 @@ def test_gpt2_fused_c_attn_forward_generate_and_train() -> None:
     with lorakit.batch_adapters(train, names):
         train(ids, labels=ids).loss.backward()
     assert train.transformer.h[0].attn.c_attn.lora_named_B["b"].grad.abs().sum() > 0
+
+
+def test_mixed_training_with_dropout_runs_and_routes_gradients() -> None:
+    torch.manual_seed(0)
+    model = lorakit.inject(MLP(), LoraConfig(r=4, alpha=8, targets=["fc1", "fc2"], dropout=0.1, init="random"))
+    lorakit.add_adapter(model, "b", LoraConfig(r=2, alpha=3, targets=["fc2"], dropout=0.3, init="random"))
+    lorakit.set_adapter(model, ["default", "b"])
+    model.train()
+    names = ["default", "b", "base", "b"]
+    for tokens in (2, 9):  # grouped rows, per-row weights
+        model.zero_grad()
+        with lorakit.batch_adapters(model, names):
+            model(torch.randn(4, tokens, 12)).sum().backward()
+        slots = model.fc2._lora_slots
+        assert slots["b"].B.grad.abs().sum() > 0 and slots["default"].B.grad.abs().sum() > 0
+    with lorakit.batch_adapters(model, ["base"] * 4):  # no row uses an adapter: nothing to train
+        assert not model(torch.randn(4, 9, 12)).requires_grad
