@@ -1,7 +1,7 @@
 """Many adapters in one batch on SmolLM2-135M (issue 6): lorakit mixed batches beside PEFT's.
 
 all-linear r=16 adapters; a batch of 16 rows where row i uses adapter ``i % K`` (K = 1/4/8/16,
-rows interleaved, so lorakit's gather/scatter path is exercised). Measures greedy generation,
+rows interleaved, so no contiguous-groups shortcut applies). Measures greedy generation,
 a prefill forward and a train step, each as a ratio to one adapter (no mixing) and to the base
 model in the same run, beside PEFT's ``adapter_names=`` mixed batch (eval mode; PEFT refuses it
 in training); then ``set_adapter`` and ``load_adapter`` timings. Writes a markdown table.

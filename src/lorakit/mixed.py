@@ -6,42 +6,71 @@
         logits = model(input_ids)                         # row i uses adapter names[i]
     model.generate(input_ids, adapter_names=["sql", "chat", "base", "sql"])
 
-The per-layer math (grouping rows, stacked A/B, two batched matmuls) is in :mod:`lorakit.batched`;
-this module installs it as forward hooks for the duration of a block.
+The per-layer math (stacked A/B, per-row weights or rows grouped by adapter, batched matmuls) is in
+:mod:`lorakit.batched`. For the duration of a block every LoRA layer carrying one of the batch's
+adapters gets an instance-level ``forward`` (no forward hook: ``nn.Module.__call__`` keeps its fast
+path, and :mod:`lorakit.layers` is untouched) that runs the layer's own base forward and adds each
+row's update; the class forward is back after the block. Linear, MergedLinear (fused qkv) and
+Embedding layers are supported; convolutions raise :class:`~lorakit.errors.MixedBatchError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adapters import _ABSENT, BASE, _check_known, _Registry, _registry, _slots
-from .batched import RowPlan, mixed_linear_delta, plan_rows, stack_pairs
+from .adapters import _ABSENT, BASE, Slot, _check_known, _Registry, _registry, _slots
+from .batched import RowPlan, build_stacks, merged_dense_B, mixed_embedding_delta, mixed_linear_delta, plan_rows
 from .errors import MixedBatchError
+from .layers import Embedding, LoraLayer, MergedLinear
 from .layers import Linear as LoraLinear
-from .layers import LoraLayer
 
 __all__ = ["batch_adapters"]
 
 #: Distinct adapter sets whose stacked weights stay cached per layer (inference only).
 _MAX_SETS_PER_LAYER = 8
+_SUPPORTED = (LoraLinear, MergedLinear, Embedding)
+_NONE = object()
+#: Layer attributes an adapter switch writes (saved on entry, restored on exit).
+_POINTED = ("r", "lora_alpha", "scaling", "use_rslora")
+
+
+def _pair(layer: LoraLayer, s: Slot) -> tuple[Tensor, Tensor]:
+    """The slot's (A, B) as one low-rank product: a fused projection's B made dense (out, r*k)."""
+    if isinstance(layer, MergedLinear):
+        return s.A, merged_dense_B(s.B, layer.enable_lora)
+    return s.A, s.B
+
+
+class _LayerState:
+    """Per layer and block: plans by batch size, per adapter set the slots, tensors, cached stacks."""
+
+    __slots__ = ("layer", "avail", "plans", "sets", "pointers")
+
+    def __init__(self, layer: LoraLayer, avail: tuple[str, ...]) -> None:
+        self.layer, self.avail = layer, avail
+        self.plans: dict[int, RowPlan | None] = {}
+        self.sets: dict[tuple[str, ...], list[Any]] = {}
+        slots = layer.__dict__["_lora_slots"]
+        own = layer._parameters.get("lora_A")  # type: ignore[attr-defined]
+        self.pointers = {n: (None if slots[n].A is own else (slots[n].A, slots[n].B), slots[n].r, slots[n].alpha,
+                             slots[n].scaling, slots[n].use_rslora, slots[n].dropout) for n in avail}
 
 
 class _MixedBatch:
-    """State of one ``batch_adapters`` block: per-layer hooks adding each row's own update."""
+    """State of one ``batch_adapters`` block: per-layer forwards adding each row's own update."""
 
     def __init__(self, model: nn.Module, reg: _Registry, names: Sequence[str]) -> None:
         self.model, self.reg = model, reg
         self.names = list(names)
         self.used = list(dict.fromkeys(n for n in self.names if n != BASE))
         self.plans: dict[tuple[tuple[str, ...], int], RowPlan | None] = {}
-        self.saved: list[tuple[LoraLayer, Any, bool]] = []
-        self.handles: list[Any] = []
+        self.saved: list[tuple[LoraLayer, Any, bool, Any, tuple[Any, ...], Any]] = []
 
     def row_names(self, bsz: int) -> list[str]:
         n = len(self.names)
@@ -59,76 +88,116 @@ class _MixedBatch:
             self.plans[key] = plan_rows(self.row_names(bsz), available, device)
         return self.plans[key]
 
-    def weights(self, layer: LoraLayer, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Transposed stacks ``(G, in, r)``, ``(G, r, out)`` and the scale (None when folded into B)."""
-        slots = [layer.__dict__["_lora_slots"][g] for g in groups]
-        As, Bs = [s.A for s in slots], [s.B for s in slots]
-        if torch.is_grad_enabled() and any(a.requires_grad for a in As + Bs):
-            A, B = stack_pairs(As, Bs)
-            scale = torch.tensor([s.scaling for s in slots], dtype=A.dtype, device=A.device).view(-1, 1, 1)
-            return A.transpose(1, 2), B.transpose(1, 2), scale
-        versions = tuple(t._version for t in As + Bs) + tuple(id(t) for t in As)
-        key = (id(layer), groups)  # several adapter sets stay cached (batches of 1, 4, 8 adapters...)
-        hit = self.reg.stacks.get(key)
-        if hit is None or hit[1] != versions:
-            with torch.no_grad():
-                r_max = max(a.shape[0] for a in As)
-                if all(a.shape[0] == r_max for a in As):  # one copy each, already transposed
-                    At = torch.stack([a.detach().t() for a in As])
-                    Bt = torch.stack([b.detach().t() for b in Bs])
-                else:
-                    A, B = stack_pairs([a.detach() for a in As], [b.detach() for b in Bs])
-                    At, Bt = A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
-                scale = torch.tensor([s.scaling for s in slots], dtype=At.dtype, device=At.device)
-                Bt.mul_(scale.view(-1, 1, 1))
-            hit = (groups, versions, At, Bt)
-            if len(self.reg.stacks) >= _MAX_SETS_PER_LAYER * max(len(self.reg.layers), 1):
-                self.reg.stacks.clear()  # bound the cache: a few sets per layer
-            self.reg.stacks[key] = hit
-        return hit[2], hit[3], None
+    def weights(self, st: _LayerState, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, list[nn.Module], Any]:
+        """Stacks ``At`` (G+1, in, r), ``Bt`` (G+1, r, out) (scaled, zero slot last), the dropouts and
+        (cached only) the views ``(At[:G], Bt[:G])``.
+
+        In grad mode (a trainable adapter among them) they are built from the Parameters; otherwise
+        cached per (layer, adapter set) in the registry and rebuilt when an adapter tensor changed
+        (its ``_version``: optimizer steps, ``copy_``, loading) or was replaced.
+        """
+        layer = st.layer
+        ent = st.sets.get(groups)
+        if ent is None:
+            slots = [layer.__dict__["_lora_slots"][g] for g in groups]
+            tensors = [t for s in slots for t in (s.A, s.B)]
+            drops = [s.dropout for s in slots]
+            if all(isinstance(d, nn.Identity) for d in drops):
+                drops = []
+            elif len({(type(d), getattr(d, "p", 0.0)) for d in drops}) == 1:
+                drops = drops[:1]
+            ent = st.sets[groups] = [slots, tensors, drops, tuple(map(id, tensors)), None]
+        slots, tensors, drops, ids, hit = ent
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            pairs = [_pair(layer, s) for s in slots]
+            At, Bt = build_stacks([p[0] for p in pairs], [p[1] for p in pairs], [s.scaling for s in slots])
+            return At, Bt, drops, None
+        versions = [t._version for t in tensors]
+        if hit is None or hit[0] != versions:
+            key = (id(layer), groups)  # several adapter sets stay cached (batches of 1, 4, 8 adapters...)
+            hit = self.reg.stacks.get(key)
+            if hit is None or hit[0] != versions or hit[1] != ids:
+                with torch.no_grad():
+                    pairs = [_pair(layer, s) for s in slots]
+                    At, Bt = build_stacks([p[0].detach() for p in pairs], [p[1].detach() for p in pairs],
+                                          [s.scaling for s in slots])
+                At, Bt = At.contiguous(), Bt.contiguous()
+                g = len(groups)
+                hit = (versions, ids, At, Bt, (At[:g], Bt[:g]))
+                if len(self.reg.stacks) >= _MAX_SETS_PER_LAYER * max(len(self.reg.layers), 1):
+                    self.reg.stacks.clear()  # bound the cache: a few sets per layer
+                self.reg.stacks[key] = hit
+            ent[4] = hit
+        return hit[2], hit[3], drops, hit[4]
+
+    def _forward(self, st: _LayerState, orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        layer = st.layer
+        d = layer.__dict__
+        mods = layer._modules  # type: ignore[attr-defined]
+        embedding = isinstance(layer, Embedding)
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if layer.lora_disabled:
+                return orig(x, *args, **kwargs)
+            bsz = x.shape[0]
+            plan = st.plans.get(bsz, _NONE)
+            if plan is _NONE:
+                plan = st.plans[bsz] = self.plan(st.avail, bsz, x.device)
+            if plan is None:
+                return orig(x, *args, **kwargs)
+            if plan.whole:  # one adapter on every row: the layer's own (fused) forward
+                p = st.pointers[plan.groups[0]]
+                d["_lora_sel"], d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = p[:5]
+                mods["lora_dropout"] = p[5]
+                try:
+                    return orig(x, *args, **kwargs)
+                finally:
+                    d["_lora_sel"] = _ABSENT
+            out = orig(x, *args, **kwargs)
+            At, Bt, drops, grouped = self.weights(st, plan.groups)
+            if embedding:
+                return mixed_embedding_delta(x, out, plan, At, Bt, drops, layer.padding_idx,  # type: ignore[attr-defined]
+                                             layer.scale_grad_by_freq)  # type: ignore[attr-defined]
+            return mixed_linear_delta(x, out, plan, At, Bt, drops, grouped)
+
+        forward._lorakit_orig = orig  # type: ignore[attr-defined]  # a nested block runs on this
+        return forward
 
     def enter(self) -> None:
         todo = []
         for mod_name, layer in self.reg.layers:
             slots = _slots(layer)
             avail = tuple(n for n in self.used if n in slots)
-            if avail and not isinstance(layer, LoraLinear):
-                raise MixedBatchError(f"mixed-adapter batches support Linear layers; {mod_name!r} is a "
-                                      f"{type(layer).__name__} (use one adapter per batch for it)")
+            if avail and not isinstance(layer, _SUPPORTED):
+                raise MixedBatchError(f"mixed-adapter batches support Linear, MergedLinear and Embedding layers; "
+                                      f"{mod_name!r} is a {type(layer).__name__} (use one adapter per batch for it)")
             todo.append((layer, avail))
         for layer, avail in todo:
-            self.saved.append((layer, layer.__dict__.get("_lora_sel"), layer.merged))
+            d = layer.__dict__
+            prev = d.get("forward", _NONE)
+            self.saved.append((layer, d.get("_lora_sel"), layer.merged, prev,
+                               tuple(d.get(k, _NONE) for k in _POINTED), layer._modules.get("lora_dropout")))
             layer.unmerge()
-            layer.__dict__["_lora_sel"] = _ABSENT
-            if avail:
-                self.handles.append(layer.register_forward_hook(self._hook(layer, avail)))
-
-    def _hook(self, layer: LoraLayer, avail: tuple[str, ...]) -> Any:
-        slots = layer.__dict__["_lora_slots"]
-
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-            if layer.lora_disabled:
-                return out
-            x = args[0]
-            plan = self.plan(avail, x.shape[0], x.device)
-            if plan is None:
-                return out
-            At, Bt, scale = self.weights(layer, plan.groups)
-            drops = [slots[g].dropout for g in plan.groups]
-            if all(isinstance(d, nn.Identity) for d in drops):
-                drops = []
-            elif len({getattr(d, "p", 0.0) for d in drops}) == 1:
-                drops = drops[:1]
-            return mixed_linear_delta(x, out, plan, At, Bt, scale, drops)
-
-        return hook
+            d["_lora_sel"] = _ABSENT
+            if avail:  # a nested block replaces the outer block's rows (it calls the outer's base forward)
+                orig = getattr(prev, "_lorakit_orig", None) or layer.forward
+                d["forward"] = self._forward(_LayerState(layer, avail), orig)
 
     def exit(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        for layer, sel, merged in self.saved:
-            layer.__dict__["_lora_sel"] = sel
+        for layer, sel, merged, prev, attrs, dropout in reversed(self.saved):
+            d = layer.__dict__
+            if prev is _NONE:
+                d.pop("forward", None)
+            else:
+                d["forward"] = prev
+            for k, v in zip(_POINTED, attrs, strict=True):
+                if v is _NONE:
+                    d.pop(k, None)
+                else:
+                    d[k] = v
+            if dropout is not None:
+                layer._modules["lora_dropout"] = dropout
+            d["_lora_sel"] = sel
             if merged:
                 layer.merge()
         self.saved.clear()
@@ -140,7 +209,9 @@ def batch_adapters(model: nn.Module, names_per_row: Sequence[str]) -> Iterator[N
 
     One forward, batched matmuls (see :mod:`lorakit.batched`); works for training (each adapter
     gets gradients from its own rows only) and inside ``model.generate`` (rows repeated for beams).
-    Merged layers are unmerged for the block and re-merged after.
+    Linear, MergedLinear (fused qkv) and Embedding LoRA layers take part; a convolution carrying one
+    of the named adapters raises :class:`~lorakit.errors.MixedBatchError`. Merged layers are
+    unmerged for the block and re-merged after; each layer's class ``forward`` is back after it.
     """
     reg = _registry(model)
     if isinstance(names_per_row, str) or not isinstance(names_per_row, Sequence) or not names_per_row:
