@@ -97,11 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds", nargs="*", default=["generate", "prefill", "train"], help="workloads to run")
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, time.process_time: robust to other processes on a shared machine")
+    ap.add_argument("--smoke", action="store_true", help="2-layer model, tiny sizes, 1 rep: keeps the script working")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.new_tokens, args.prompt, args.prefill, args.reps = 2, 4, 4, 1
     setup_torch(1 if args.cpu_time else args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     t0 = time.perf_counter()
-    base = load_model()
+    if args.smoke:
+        from benchmarks.models import load
+        base = load("smollm2", smoke=True).eval()
+        base.requires_grad_(False)
+    else:
+        base = load_model()
     load_s = time.perf_counter() - t0
     print(f"loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
     lk = lorakit_model(base, args.rank)

@@ -32,6 +32,7 @@ SCRIPTS = [
     ("benchmarks.interleaved_inference", ["--model", "minilm", "--threads", "1"], 3),
     ("benchmarks.micro_fused", ["--threads", "1"], 4),
     ("benchmarks.profile_step", ["--model", "minilm"], 7),
+    ("benchmarks.multi_adapter", ["--threads", "1"], 12),
 ]
 
 
