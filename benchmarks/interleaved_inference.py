@@ -2,6 +2,7 @@
 
     python -m benchmarks.interleaved_inference --model smollm2 --threads 1      # greedy generation
     python -m benchmarks.interleaved_inference --model minilm --threads 1       # forward 32x128
+    python -m benchmarks.interleaved_inference --variants base,lorakit-unmerged,peft-unmerged --batch 16
 
 The same workloads as :mod:`benchmarks.bench_inference`, but every variant's model lives in this
 process and the calls alternate (base, lorakit-unmerged, lorakit-merged, base, ...), timed by this
@@ -30,6 +31,11 @@ def _variant(base: nn.Module, name: str, r: int) -> nn.Module:
     if name == "base":
         return base
     model = copy.deepcopy(base)
+    if name == "peft-unmerged":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+        _randomize_b(model)
+        return model.eval()
     lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, targets="all-linear"))
     _randomize_b(model)
     if name == "lorakit-merged":
