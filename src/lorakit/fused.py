@@ -40,6 +40,7 @@ same Function, traced without graph breaks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Iterator, Sequence
@@ -487,7 +488,8 @@ def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
     return out2.view(*x.shape[:-1], out2.shape[-1])
 
 
-def merged_slices(enable: Sequence[bool], out_features: int) -> Slices:
+@functools.lru_cache(maxsize=256)
+def merged_slices(enable: tuple[bool, ...], out_features: int) -> Slices:
     """Output column ranges of the enabled slices of a fused projection."""
     rows = out_features // len(enable)
     return tuple((i * rows, (i + 1) * rows) for i, e in enumerate(enable) if e)

@@ -377,7 +377,6 @@ class MergedLinear(_LinearLoraMixin, nn.Linear):
             raise LoraConfigError(f"{type(self).__name__}: enable_lora has {len(enable)} entries, which "
                                   f"must divide out_features={out_features} into equal slices")
         self.enable_lora = enable
-        self._lora_slices = FU.merged_slices(enable, out_features)
         self.register_buffer("_lora_cols", LF.enabled_columns(enable, out_features), persistent=False)
 
     def _lora_shapes(self, r: int, in_f: int, out_f: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -387,6 +386,10 @@ class MergedLinear(_LinearLoraMixin, nn.Linear):
     @property
     def has_lora(self) -> bool:
         return super().has_lora and any(self.enable_lora)
+
+    @property
+    def _lora_slices(self) -> FU.Slices:  # type: ignore[override]
+        return FU.merged_slices(tuple(self.enable_lora), self.out_features)  # cached per shape
 
     @classmethod
     def from_module(cls, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
