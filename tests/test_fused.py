@@ -328,3 +328,30 @@ def test_fold_saves_no_weight_sized_tensor(monkeypatch: pytest.MonkeyPatch) -> N
     params = {t.data_ptr() for t in (layer.weight, layer.lora_A, layer.lora_B)}
     sizes = sorted(t.numel() for t in saved if t.data_ptr() not in params)
     assert sizes == [64 * R, 64 * D_IN]
+
+
+@pytest.mark.parametrize("rows", [(1,), (2, 1), (63,), (4, 16), (3, 50), (40 * D_OUT,)])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged", "no-bias"])
+def test_no_grad_forward_matches_reference_at_every_row_count(rows: tuple[int, ...], kind: str) -> None:
+    """The no-grad paths (few rows: three calls; many rows: addmm_ or the folded weight) equal the
+    reference math for Linear, fan_in_fan_out, MergedLinear and bias-free layers."""
+    torch.manual_seed(1)
+    if kind == "merged":
+        layer: nn.Module = lorakit.MergedLinear(D_IN, 3 * D_OUT, r=R, lora_alpha=8, enable_lora=[True, False, True],
+                                                merge_weights=False)
+    else:
+        layer = lorakit.Linear(D_IN, D_OUT, r=R, lora_alpha=8, fan_in_fan_out=kind == "fifo", merge_weights=False,
+                               bias=kind != "no-bias")
+    nn.init.normal_(layer.lora_B)
+    layer.eval()
+    x = torch.randn(*rows, D_IN)
+    with torch.no_grad():
+        got = layer(x)
+        if kind == "merged":
+            ref = LF.fused_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                                  layer.enable_lora, layer._lora_cols)
+        else:
+            ref = LF.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                                 None, layer.fan_in_fan_out)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
