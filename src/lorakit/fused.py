@@ -359,43 +359,41 @@ def _dropout_p(dropout: nn.Module | None) -> float | None:
     return None
 
 
+def _eligible_p(x: Tensor, weight: Tensor, A: Tensor, dropout: nn.Module | None) -> float | None:
+    """The drop probability when the fused path reproduces the plain one for these inputs, else None."""
+    if not _state["enabled"] or not x.is_floating_point():
+        return None
+    p = _dropout_p(dropout)
+    if p is None or torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype == A.dtype:
+        return p
+    return None
+
+
+def _needs_graph(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                        or weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def fused_eligible(x: Tensor, weight: Tensor, A: Tensor, dropout: nn.Module | None) -> bool:
     """Whether :func:`lora_linear` reproduces :func:`lorakit.functional.lora_linear` for these inputs."""
-    if not is_enabled() or not x.is_floating_point() or _dropout_p(dropout) is None:
-        return False
-    if torch.is_autocast_enabled(x.device.type):
-        return True
-    return x.dtype == weight.dtype == A.dtype
+    return _eligible_p(x, weight, A, dropout) is not None
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
                    dropout: nn.Module | None, fan_in_fan_out: bool, slices: Slices | None) -> Tensor | None:
     """The layers' entry: :func:`lora_linear` when :func:`fused_eligible`, else None (plain path).
 
-    One pass over the checks with as few Python-level calls as possible: this runs once per adapted
-    projection per forward, and in token-by-token decoding its overhead is what LoRA costs.
+    Each check runs once (this runs once per adapted projection per forward, and in token-by-token
+    decoding its overhead is what LoRA costs); a plain Linear without autocast gets the fewest ops.
     """
-    if not _state["enabled"]:
+    p = _eligible_p(x, weight, A, dropout)
+    if p is None:
         return None
-    kind = type(dropout)
-    if kind is nn.Identity or dropout is None:
-        p = 0.0
-    elif kind is nn.Dropout:
-        p = float(dropout.p) if dropout.training else 0.0  # type: ignore[union-attr]
-    else:
-        return None
-    if not x.is_floating_point():
-        return None
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if not autocast and not (x.dtype == weight.dtype == A.dtype):
-        return None
-    if p == 0.0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
-                                                       or weight.requires_grad
-                                                       or (bias is not None and bias.requires_grad))):
-        if autocast or fan_in_fan_out or slices is not None:
-            return _inference(x, weight, bias, A, B, scaling, slices or ((0, B.shape[0]),), fan_in_fan_out)
+    needs_graph = _needs_graph(x, weight, bias, A, B)
+    if p == 0.0 and not needs_graph and slices is None and not fan_in_fan_out \
+            and not torch.is_autocast_enabled(x.device.type):
         return _inference_linear(x, weight, bias, A, B, scaling)
-    return lora_linear(x, weight, bias, A, B, scaling, dropout, fan_in_fan_out, slices)
+    return _lora_linear(x, weight, bias, A, B, scaling, p, needs_graph, fan_in_fan_out, slices)
 
 
 def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
@@ -426,12 +424,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     Callers check :func:`fused_eligible` first. Without autograd (inference, ``no_grad``) it runs
     the same in-place arithmetic directly.
     """
-    out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return _lora_linear(x, weight, bias, A, B, scaling, _dropout_p(dropout) or 0.0,
+                        _needs_graph(x, weight, bias, A, B), fan_in_fan_out, slices)
+
+
+def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float, p: float,
+                 needs_graph: bool, fan_in_fan_out: bool, slices: Slices | None) -> Tensor:
+    """:func:`lora_linear` with the drop probability and the need for autograd already known."""
     if slices is None:
-        slices = ((0, out_f),)
-    p = _dropout_p(dropout) or 0.0
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, A, B))
+        slices = ((0, weight.shape[1] if fan_in_fan_out else weight.shape[0]),)
     if not needs_graph and p == 0.0:
         return _inference(x, weight, bias, A, B, scaling, slices, fan_in_fan_out)
     keep: Tensor | None = None
