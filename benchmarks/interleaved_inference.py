@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,7 +21,7 @@ from torch import nn
 
 import lorakit
 from benchmarks.bench_inference import _randomize_b
-from benchmarks.harness import setup_torch
+from benchmarks.harness import interleave, ratio_table, setup_torch
 from benchmarks.models import load
 
 
@@ -79,25 +77,12 @@ def main() -> None:
             return lambda: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True)
     steps = {n: call(m) for n, m in models.items()}
     reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
-    clock = time.perf_counter if args.wall else time.process_time
-    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
-        for _ in range(warmup):
-            for f in steps.values():
-                f()
-        for _ in range(reps):
-            for n, f in steps.items():
-                t0 = clock()
-                f()
-                times[n].append((clock() - t0) * 1e3)
-    med = {n: statistics.median(v) for n, v in times.items()}
+        med = interleave(steps, reps, warmup, args.wall)
     print(f"### {args.model} {what}, all-linear r={r}, interleaved in one process, "
           f"{torch.get_num_threads()} thread(s), {'wall' if args.wall else 'CPU'} time, "
           f"median of {reps} after {warmup} warm-up\n")
-    print(f"| variant | median ms | × {names[0]} |\n|---|---|---|")
-    for n in names:
-        print(f"| {n} | {med[n]:.1f} | {med[n] / med[names[0]]:.3f} |")
-
+    print(ratio_table(med, digits=1))
 
 if __name__ == "__main__":
     main()
