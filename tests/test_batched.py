@@ -46,6 +46,23 @@ def per_row(model: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor
     return torch.cat(rows)
 
 
+def mixed_and_separate_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Gradients of a squared-error step over the NAMES batch: mixed in one backward, and each
+    adapter trained on its own rows alone (all three adapters active and trainable)."""
+    lorakit.set_adapter(model, ["default", "b", "c"])
+    with lorakit.batch_adapters(model, NAMES):
+        ((model(x) - y) ** 2).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name in ["default", "b", "c"]:
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        with lorakit.use_adapter(model, name):
+            ((model(x[rows]) - y[rows]) ** 2).sum().backward()
+    separate = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return mixed, separate
+
+
 def test_plan_rows_contiguous_and_scattered() -> None:
     p = plan_rows(["a", "a", "b", "b"], ("a", "b"), torch.device("cpu"))
     assert p is not None and p.gather is None and p.m == 2
@@ -70,18 +87,7 @@ def test_mixed_rows_equal_single_rows_mlp() -> None:
 
 
 def test_mixed_batch_gradients_equal_separate_training() -> None:
-    model = mlp()
-    lorakit.set_adapter(model, ["default", "b", "c"])  # all three trainable
-    x, y = torch.randn(len(NAMES), 12), torch.randn(len(NAMES), 5)
-    with lorakit.batch_adapters(model, NAMES):
-        ((model(x) - y) ** 2).sum().backward()
-    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    for name in ["default", "b", "c"]:
-        rows = [i for i, n in enumerate(NAMES) if n == name]
-        with lorakit.use_adapter(model, name):
-            ((model(x[rows]) - y[rows]) ** 2).sum().backward()
-    separate = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    mixed, separate = mixed_and_separate_grads(mlp(), torch.randn(len(NAMES), 12), torch.randn(len(NAMES), 5))
     assert set(mixed) == set(separate) and len(mixed) == 2 * (3 + 1 + 2)
     for n in mixed:
         torch.testing.assert_close(mixed[n], separate[n], rtol=1e-5, atol=1e-6)
@@ -175,18 +181,8 @@ def test_mixed_rows_equal_single_rows_any_length(tokens: int) -> None:
 
 
 def test_mixed_long_rows_gradients_equal_separate_training() -> None:
-    model = mlp()
-    lorakit.set_adapter(model, ["default", "b", "c"])
-    x, y = torch.randn(len(NAMES), 9, 12), torch.randn(len(NAMES), 9, 5)
-    with lorakit.batch_adapters(model, NAMES):
-        ((model(x) - y) ** 2).sum().backward()
-    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    for name in ["default", "b", "c"]:
-        rows = [i for i, n in enumerate(NAMES) if n == name]
-        with lorakit.use_adapter(model, name):
-            ((model(x[rows]) - y[rows]) ** 2).sum().backward()
-    separate = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    mixed, separate = mixed_and_separate_grads(mlp(), torch.randn(len(NAMES), 9, 12),
+                                               torch.randn(len(NAMES), 9, 5))
     assert set(mixed) == set(separate)
     for n in mixed:
         torch.testing.assert_close(mixed[n], separate[n], rtol=1e-5, atol=1e-5)
@@ -287,20 +283,9 @@ def test_mixed_merged_linear_and_embedding_equal_single_rows(tokens: int) -> Non
 
 @pytest.mark.parametrize("tokens", [3, 10])
 def test_mixed_merged_linear_and_embedding_gradients(tokens: int) -> None:
-    model = tok()
-    lorakit.set_adapter(model, ["default", "b", "c"])
     ids = torch.randint(0, 30, (len(NAMES), tokens))
     ids[:, 0] = 0
-    y = torch.randn(len(NAMES), tokens, 5)
-    with lorakit.batch_adapters(model, NAMES):
-        ((model(ids) - y) ** 2).sum().backward()
-    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    for name in ["default", "b", "c"]:
-        rows = [i for i, n in enumerate(NAMES) if n == name]
-        with lorakit.use_adapter(model, name):
-            ((model(ids[rows]) - y[rows]) ** 2).sum().backward()
-    separate = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    mixed, separate = mixed_and_separate_grads(tok(), ids, torch.randn(len(NAMES), tokens, 5))
     assert set(mixed) == set(separate) and any("emb.lora_named_A" in n for n in mixed)
     for n in mixed:
         torch.testing.assert_close(mixed[n], separate[n], rtol=1e-5, atol=1e-5)
