@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from benchmarks.harness import Measured, main, time_it, variants
+from benchmarks.harness import Measured, device_of, dtype_of, main, time_it, variants
 from benchmarks.models import load
 
 R = 16
@@ -25,7 +25,7 @@ R = 16
 
 def _lorakit_model(args: argparse.Namespace, tmp: str) -> tuple[torch.nn.Module, str]:
     import lorakit
-    model = load("smollm2", args.smoke)
+    model = load("smollm2", args.smoke, device_of(args), dtype_of(args))
     lorakit.inject(model, lorakit.LoraConfig(r=R, alpha=2 * R, targets="all-linear"))
     path = f"{tmp}/a"
     lorakit.save_adapter(model, path)
@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace, variant: str) -> Measured:
         names = itertools.cycle(["second", "default"])
         return time_it(lambda: adapters.set_adapter(model, next(names)), max(args.reps, 20), args.warmup)
     import peft
-    base = load("smollm2", args.smoke)
+    base = load("smollm2", args.smoke, device_of(args), dtype_of(args))
     model = peft.get_peft_model(base, peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear"))
     model.save_pretrained(f"{tmp}/p")
     path = f"{tmp}/p"

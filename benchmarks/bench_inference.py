@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_inference --model minilm     # forward latency, batch 32×128, r=8
     python -m benchmarks.bench_inference --model smollm2    # greedy generation, 16-token prompt, 32 tokens
+    python -m benchmarks.bench_inference --model smollm2 --device cuda --dtype bf16 --batch 16   # GPU form
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import torch
 from torch import nn
 
-from benchmarks.harness import Measured, main, time_it, variants
+from benchmarks.harness import Measured, amp, device_of, dtype_of, main, time_it, variants
 from benchmarks.models import load
 
 
@@ -29,7 +30,8 @@ def _randomize_b(model: nn.Module) -> None:
 
 
 def _run(args: argparse.Namespace, variant: str) -> Measured:
-    model = load(args.model, args.smoke)
+    dev = device_of(args)
+    model = load(args.model, args.smoke, dev, dtype_of(args))
     r = 8 if args.model == "minilm" else 16
     if variant.startswith("lorakit"):
         import lorakit
@@ -44,21 +46,21 @@ def _run(args: argparse.Namespace, variant: str) -> Measured:
         _randomize_b(model)
         if variant == "peft-merged":
             model = model.merge_and_unload()
-    model.eval()
+    model.to(dev).eval()
     if args.model == "minilm":
-        batch, seq = (2, 16) if args.smoke else (32, 128)
-        ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+        batch, seq = (2, 16) if args.smoke else (args.batch or 32, 128)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
 
         def step() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), amp(args):
                 model(input_ids=ids)
     else:
         new = 4 if args.smoke else args.new_tokens
-        ids = torch.randint(0, model.config.vocab_size, (1, 16))
+        ids = torch.randint(0, model.config.vocab_size, (args.batch or 1, 16), device=dev)
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
 
         def step() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), amp(args):
                 model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True)
     return time_it(step, args.reps, args.warmup)
 

@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_linear                # no dropout
     python -m benchmarks.bench_linear --dropout 0.1
+    python -m benchmarks.bench_linear --device cuda --dtype bf16 --tokens 32768   # GPU form
+
+With ``--dtype bf16`` the whole layer (LoRA included) and its input are bfloat16.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 import torch
 from torch import nn
 
-from benchmarks.harness import TRAIN_VARIANTS, Measured, main, time_it, variants
+from benchmarks.harness import TRAIN_VARIANTS, Measured, device_of, dtype_of, main, time_it, variants
 
 
 def _extra(ap: argparse.ArgumentParser) -> None:
@@ -41,9 +44,10 @@ def _run(args: argparse.Namespace, kind: str) -> Measured:
         holder = nn.Sequential(nn.Linear(d, d))
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout, target_modules=["0"])
         layer = peft.get_peft_model(holder, cfg)
-    layer.train()
-    x = torch.randn(n, d, requires_grad=True)
-    g = torch.randn(n, d)
+    dev, dt = device_of(args), dtype_of(args)
+    layer.to(device=dev, dtype=dt).train()
+    x = torch.randn(n, d, device=dev, dtype=dt, requires_grad=True)
+    g = torch.randn(n, d, device=dev, dtype=dt)
 
     def step() -> None:
         x.grad = None
@@ -56,5 +60,7 @@ def _run(args: argparse.Namespace, kind: str) -> Measured:
 VARIANTS = variants(_run, TRAIN_VARIANTS)
 
 if __name__ == "__main__":
-    main("benchmarks.bench_linear", "One Linear 4096×768, r=8, fwd+bwd incl. input grad", VARIANTS, "floor",
+    import sys
+    n = sys.argv[sys.argv.index("--tokens") + 1] if "--tokens" in sys.argv else "4096"
+    main("benchmarks.bench_linear", f"One Linear {n}×768, r=8, fwd+bwd incl. input grad", VARIANTS, "floor",
          extra=_extra)

@@ -10,6 +10,7 @@ this one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -61,17 +62,64 @@ def peak_rss_mib() -> float:
 _clock: dict[str, Callable[[], float]] = {"now": time.perf_counter}
 
 
+#: The device the workload runs on (``--device``; set by :func:`main`).
+_device: dict[str, torch.device] = {"device": torch.device("cpu")}
+
+
 def time_it(step: Callable[[], Any], reps: int = 5, warmup: int = 2) -> Measured:
-    """Run ``step`` ``warmup`` times, then time ``reps`` runs; median in ms."""
+    """Run ``step`` ``warmup`` times, then time ``reps`` runs; median in ms. On a GPU every step is
+    synchronised before the clock is read, and the peak is ``torch.cuda.max_memory_allocated``
+    over the timed steps (weights included) instead of the process's peak RSS."""
+    dev = _device["device"]
+    cuda = dev.type == "cuda"
     for _ in range(warmup):
         step()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     times = []
     now = _clock["now"]
     for _ in range(reps):
         t0 = now()
         step()
+        if cuda:
+            torch.cuda.synchronize(dev)
         times.append((now() - t0) * 1e3)
-    return Measured(statistics.median(times), times, peak_rss_mib())
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else peak_rss_mib()
+    return Measured(statistics.median(times), times, peak)
+
+
+# --- device and precision (--device, --dtype) ------------------------------------------------------
+def add_device_args(ap: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--batch``: the GPU form of a workload (issue 5, item 4)."""
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda / cuda:N (peak memory is then torch.cuda.max_memory_allocated)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: base weights in bfloat16 and the forward under bf16 autocast "
+                         "(LoRA adapters stay fp32, as lorakit and PEFT make them)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the workload's)")
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    """The workload's device; a clear error when a GPU is asked for and torch sees none."""
+    dev = torch.device(getattr(args, "device", "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device (torch.cuda.is_available() is "
+                         f"False; torch {torch.__version__}); run on a GPU machine or use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {args.device}: use cpu or cuda[:N]")
+    return dev
+
+
+def dtype_of(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if getattr(args, "dtype", "fp32") == "bf16" else torch.float32
+
+
+def amp(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the workload's device for ``--dtype bf16``, else nothing."""
+    if dtype_of(args) == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_of(args).type, dtype=torch.bfloat16)
 
 
 def setup_torch(threads: int | None = None) -> None:
@@ -169,11 +217,13 @@ def parse(argv: Sequence[str] | None = None, extra: Callable[[argparse.ArgumentP
     ap.add_argument("--json-out", help="also write the table rows as JSON here")
     ap.add_argument("--in-process", action="store_true",
                     help="run every variant in this process (no clean peak RSS; the default with --smoke)")
+    add_device_args(ap)
     if extra:
         extra(ap)
     args = ap.parse_args(argv)
     if args.smoke:
         args.reps, args.warmup = 1, 0
+    _device["device"] = device_of(args)
     return args
 
 
@@ -226,14 +276,17 @@ def table(title: str, rows: list[dict[str, Any]], anchor: str, args: argparse.Na
     base = next((r for r in rows if r["variant"] == anchor and "median_ms" in r), None)
     threads = args.threads or os.cpu_count()
     clock = "CPU time of the process" if args.cpu_time else "wall time"
+    dev = device_of(args)
+    where = (f"{torch.cuda.get_device_name(dev)} ({dev}), " if dev.type == "cuda" else "") + f"{args.dtype}, "
+    mem = "peak CUDA MiB (max_memory_allocated)" if dev.type == "cuda" else "peak RSS MiB"
     out = [f"### {title}", "",
-           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}, "
+           f"{where}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}, "
            f"{clock}, "
            f"torch {torch.__version__}, "
            f"median of {args.reps} after {args.warmup} warm-up"
            + (f", 1-min load average {args.load_before:.1f} at start, {args.load_after:.1f} at end"
               if hasattr(args, "load_after") else ""),
-           "", f"| variant | median ms | × {anchor} | peak RSS MiB | extra MiB vs {anchor} | notes |",
+           "", f"| variant | median ms | × {anchor} | {mem} | extra MiB vs {anchor} | notes |",
            "|---|---|---|---|---|---|"]
     for r in rows:
         if "median_ms" not in r:

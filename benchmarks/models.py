@@ -8,13 +8,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from benchmarks.harness import freeze, minilm_dir, smollm2_dir, swap_loralib, trainable
+from benchmarks.harness import amp, device_of, dtype_of, freeze, minilm_dir, smollm2_dir, swap_loralib, trainable
 
 SMOL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def load(name: str, smoke: bool) -> nn.Module:
-    """MiniLM for sequence classification or SmolLM2-135M causal LM (a 2-layer slice when smoke)."""
+def load(name: str, smoke: bool, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+         ) -> nn.Module:
+    """MiniLM for sequence classification or SmolLM2-135M causal LM (a 2-layer slice when smoke), on
+    ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     if name == "minilm":
         kw = {"num_hidden_layers": 1} if smoke else {}
@@ -23,7 +25,7 @@ def load(name: str, smoke: bool) -> nn.Module:
         kw = {"num_hidden_layers": 2} if smoke else {}
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32, **kw)
     model.config.use_cache = False
-    return model
+    return model.to(device=device, dtype=dtype)
 
 
 def apply_variant(model: nn.Module, variant: str, targets: Sequence[str], r: int, alpha: float,
@@ -48,21 +50,26 @@ def apply_variant(model: nn.Module, variant: str, targets: Sequence[str], r: int
 
 def train_step(name: str, variant: str, args: argparse.Namespace, targets: Sequence[str], r: int,
                alpha: float, dropout: float, batch: int, seq: int) -> Callable[[], None]:
-    """One optimizer-free train step (forward, loss, backward, zero grads) of ``variant``."""
+    """One optimizer-free train step (forward, loss, backward, zero grads) of ``variant``; on
+    ``args.device`` (default cpu), with ``args.dtype`` bf16: bf16 base weights, forward under autocast."""
+    batch = getattr(args, "batch", None) or batch
     if args.smoke:
         batch, seq = 2, 16
-    model = apply_variant(load(name, args.smoke), variant, targets, r, alpha, dropout)
+    dev = device_of(args)
+    model = apply_variant(load(name, args.smoke, dev, dtype_of(args)), variant, targets, r, alpha, dropout)
+    model.to(dev)  # loralib's new layers are made on the CPU
     model.train()
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, seq))
+    ids = torch.randint(0, vocab, (batch, seq), device=dev)
     params = trainable(model)
     if variant == "floor":  # backprop to the input: the embeddings' output requires grad
         emb = model.get_input_embeddings()
         emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    labels = ids if name == "smollm2" else torch.randint(0, 2, (batch,))
+    labels = ids if name == "smollm2" else torch.randint(0, 2, (batch,), device=dev)
 
     def step() -> None:
-        loss = model(input_ids=ids, labels=labels).loss
+        with amp(args):
+            loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         for p in params:
             p.grad = None

@@ -33,15 +33,20 @@ SCRIPTS = [
     ("benchmarks.micro_fused", ["--threads", "1"], 4),
     ("benchmarks.profile_step", ["--model", "minilm"], 7),
     ("benchmarks.multi_adapter", ["--threads", "1"], 12),
+    # the GPU suite's precision on the CPU (bf16 weights, bf16 autocast): benchmarks/run_gpu.sh
+    ("benchmarks.bench_linear", ["--dtype", "bf16", "--dropout", "0.1"], 6),
+    ("benchmarks.bench_minilm", ["--dtype", "bf16"], 6),
+    ("benchmarks.bench_inference", ["--model", "minilm", "--dtype", "bf16"], 5),
 ]
 
 
 @pytest.fixture(autouse=True)
 def _restore_torch_state():
-    threads, clock = torch.get_num_threads(), dict(harness._clock)
+    threads, clock, device = torch.get_num_threads(), dict(harness._clock), dict(harness._device)
     yield
     torch.set_num_threads(threads)
     harness._clock.update(clock)
+    harness._device.update(device)
 
 
 @pytest.mark.slow
@@ -56,3 +61,21 @@ def test_benchmark_smoke(module: str, args: list[str], rows: int, monkeypatch: p
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert len(table) >= rows, out
     assert not any("failed" in line for line in table), out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: --device cuda is valid here")
+def test_gpu_request_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["benchmarks.bench_linear", "--smoke", "--device", "cuda"])
+    with pytest.raises(SystemExit, match=r"--device cuda: torch sees no CUDA device"):
+        runpy.run_module("benchmarks.bench_linear", run_name="__main__", alter_sys=False)
+
+
+def test_device_and_dtype_arguments() -> None:
+    args = harness.parse(["--device", "cpu", "--dtype", "bf16", "--batch", "3"])
+    assert harness.device_of(args) == torch.device("cpu") and args.batch == 3
+    assert harness.dtype_of(args) == torch.bfloat16
+    with harness.amp(args):
+        assert torch.is_autocast_enabled("cpu")
+    assert harness.dtype_of(harness.parse([])) == torch.float32
+    with pytest.raises(SystemExit, match="use cpu or cuda"):
+        harness.parse(["--device", "meta"])
