@@ -89,6 +89,29 @@ def test_linear_matches_plain(fifo: bool, train: str, p: float, fold: bool) -> N
         assert layer.weight.grad is None and layer.bias.grad is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU on this machine)")
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cuda_matches_plain(p: float, autocast: bool, fold: bool) -> None:
+    """On a GPU: the mask comes from a CUDA generator seeded from the CPU-drawn seed; fused = plain."""
+    layer = _layer(p=p).cuda()
+    layer.bias.requires_grad_(False)
+    x = torch.randn(2, N // 2, D_IN, device="cuda", requires_grad=True)
+    params = [layer.lora_A, layer.lora_B]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
+    tol = dict(rtol=3e-2, atol=1e-1) if autocast else dict(rtol=1e-4, atol=1e-4)
+    torch.manual_seed(7)
+    with amp:
+        out_f, g_f = _grads(layer, params, x)
+    torch.manual_seed(7)
+    keep = FU.dropout_mask(tuple(x.shape), p, FU.draw_seed(), device="cuda") if p else None
+    drop = MaskDropout(keep, FU.keep_scale(p)) if p else None
+    with amp:
+        out_p, g_p = _grads(_plain(layer, drop), params, x)
+    torch.testing.assert_close(out_f.float(), out_p.float(), **tol)
+    _assert_close(g_f, g_p, **tol)
+
+
 def test_no_input_grad_when_not_needed() -> None:
     layer = _layer()
     layer.weight.requires_grad_(False)
