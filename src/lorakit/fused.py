@@ -100,7 +100,8 @@ def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device
                  dtype: torch.dtype = torch.bool) -> Tensor:
     """The keep mask (``shape``) the fused path uses for ``seed``: deterministic per seed. As bool,
     or as 0/1 floats of ``dtype`` (what the fused path uses: ``x * mask`` is ~3× cheaper on CPU
-    than ``torch.where(mask, x, 0)``, and the comparison writes the floats directly)."""
+    than ``torch.where(mask, x, 0)``; ATen makes the comparison's bool result and converts it, ~0.1 ms per
+    512×576 mask)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     n = math.prod(shape)
