@@ -157,7 +157,7 @@ def test_siblings_share_one_mask_and_match_plain() -> None:
     drop = MaskDropout(keep, FU.keep_scale(p))
     out_p, g_p = _grads(lambda x: sum(_plain(m, drop)(x) for m in layers), params, x)
     torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
-    _assert_close(g_f, g_p, rtol=1e-5, atol=1e-5)
+    _assert_close(g_f, g_p, rtol=1e-5, atol=3e-5)  # x.grad sums three paths in another order
 
 
 def test_dropout_mask_statistics() -> None:
@@ -217,7 +217,8 @@ def test_bf16_autocast_input_grad_matches_plain(p: float, fold: bool) -> None:
         out_p, g_p = _grads(_plain(layer, drop), params, x)
     assert out_f.dtype == torch.bfloat16 and g_f[-1] is not None and g_f[-1].dtype == torch.float32
     torch.testing.assert_close(out_f.float(), out_p.float(), rtol=2e-2, atol=5e-2)
-    _assert_close(g_f, g_p, rtol=3e-2, atol=1e-1)
+    for u, v in zip(g_f, g_p, strict=True):  # bf16 sums of 48 rounded terms: error scales with the terms
+        assert (u - v).abs().max() <= 3e-2 * v.abs().max(), (u - v).abs().max()
 
 
 def test_float_mask_equals_bool_mask() -> None:

@@ -12,7 +12,7 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
 * Saved for backward: the input ``x`` (once; the same tensor object for sibling projections) or,
   with dropout, the masked input instead of ``x`` (same size, also shared by siblings; saves
   rebuilding it), the (N, r) intermediate ``A x`` and nothing else. The dropout mask is **not**
-  saved: it is regenerated in backward from a 62-bit seed (a dedicated ``torch.Generator``), so
+  saved: it is regenerated in backward from its 32-bit seed, so
   dropout costs no extra activation memory, instead of a float copy of ``dropout(x)`` plus a bool
   mask per module.
 * Sibling projections that read the same tensor (q/k/v, gate/up) share one dropout mask and one
@@ -21,10 +21,11 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
   mask, which is dropped once every member of the group has run its backward.
 * Gradients are computed only where ``needs_input_grad`` says so: a frozen base weight gets no
   weight gradient, the input gets one only when it requires grad.
-* The dropout mask comes from 15 random bits per element (four per ``int64`` draw; ``p`` quantised
-  to 1/32768, the keep-scale uses the quantised ``p`` so the estimator stays unbiased), several
-  times cheaper on CPU than ``bernoulli_``; the mask is made as 0/1 floats and applied with a
-  multiply (3-4× cheaper on CPU than ``masked_fill`` or ``torch.where`` with a bool mask).
+* The dropout mask is a counter-based hash of ``(seed, element index)`` (:mod:`lorakit.dropout_kernel`;
+  ``p`` quantised to 1/65536, the keep-scale uses the quantised ``p`` so the estimator stays
+  unbiased). No mask tensor exists: on CPU one C++ pass writes the masked input in forward and
+  another zeroes the dropped input-gradient elements in backward (torch integer ops compute the
+  identical mask where the kernel is unavailable).
 
 When the fused path is used (:func:`fused_eligible`): the layer is active, ``lorakit.fused`` is
 enabled (:func:`set_enabled`, :func:`disabled`) and the layer's ``lora_fused`` attribute is not
@@ -50,10 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import dropout_kernel as DK
+
 Slices = tuple[tuple[int, int], ...]
 
-_BITS = 15  # random bits per mask element
-_LEVELS = 1 << _BITS
+_LEVELS = DK.LEVELS
 _state: dict[str, Any] = {"enabled": True}
 
 
@@ -81,8 +83,8 @@ def disabled() -> Iterator[None]:
 
 # --- dropout masks ------------------------------------------------------------------------------
 def keep_threshold(p: float) -> int:
-    """Elements whose 15-bit random value is below this are dropped."""
-    return int(round(p * _LEVELS))
+    """Elements whose 16-bit hash lane is below this are dropped."""
+    return DK.threshold(p)
 
 
 def keep_scale(p: float) -> float:
@@ -91,72 +93,44 @@ def keep_scale(p: float) -> float:
 
 
 def draw_seed() -> int:
-    """A seed for one dropout mask, drawn from torch's default CPU generator (so ``manual_seed``
-    and activation checkpointing's RNG-state replay reproduce it)."""
-    return int(torch.randint(0, 1 << 62, (1,)).item())
+    """A 32-bit seed for one dropout mask, drawn from torch's default CPU generator (so
+    ``manual_seed`` and activation checkpointing's RNG-state replay reproduce it)."""
+    return int(torch.randint(0, 1 << 32, (1,)).item())
 
 
 def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.bool) -> Tensor:
-    """The keep mask (``shape``) the fused path uses for ``seed``: deterministic per seed. As bool,
-    or as 0/1 floats of ``dtype`` (what the fused path uses: ``x * mask`` is ~3× cheaper on CPU
-    than ``torch.where(mask, x, 0)``; ATen makes the comparison's bool result and converts it, ~0.1 ms per
-    512×576 mask)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    n = math.prod(shape)
-    # int64 random_ fills 63 bits: four 15-bit draws per word (~17 % cheaper than two per int32)
-    words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_(generator=gen)
-    bits = words.view(torch.int16)[:n].bitwise_and_(_LEVELS - 1)
-    if dtype == torch.bool:
-        return bits.ge(keep_threshold(p)).view(tuple(shape))
-    out = torch.empty(tuple(shape), dtype=dtype, device=device)
-    torch.ge(bits.view(tuple(shape)), keep_threshold(p), out=out)
-    return out
+    """The keep mask (``shape``, row-major element order) the fused path applies for ``seed``:
+    as bool, or as 0/1 values of ``dtype``. The fused path itself never builds it."""
+    keep = DK.keep_mask(math.prod(shape), seed, p, device).view(tuple(shape))
+    return keep if dtype == torch.bool else keep.to(dtype)
 
 
 class _DropGroup:
-    """One dropout mask shared by every projection that reads the same input tensor.
+    """One dropout mask (a seed) shared by every projection that reads the same input tensor.
 
-    ``keep`` is the 0/1 float mask (the input's dtype). Forward members reuse ``keep`` / ``masked``
-    while the group is the cache's current entry;
-    backward members share the regenerated ones until all ``members`` have run their backward.
+    ``masked`` is the input times the keep mask, made once and reused by the forward members while
+    the group is the cache's current entry; backward members zero their input gradients' dropped
+    elements from the seed.
     """
 
-    __slots__ = ("seed", "p", "ref", "version", "dtype", "keep", "masked", "members", "done", "users",
-                 "__weakref__")
+    __slots__ = ("seed", "p", "ref", "version", "masked", "users", "__weakref__")
 
     def __init__(self, x: Tensor, p: float) -> None:
         self.seed = draw_seed()
         self.p = p
         self.ref = weakref.ref(x)
         self.version = x._version
-        self.dtype = x.dtype
         with torch.no_grad():  # a constant of the graph, never differentiated through
-            self.keep: Tensor | None = dropout_mask(x.shape, p, self.seed, x.device, self.dtype)
-            self.masked: Tensor | None = x * self.keep
-        self.members = 0
-        self.done = 0
+            self.masked: Tensor | None = DK.masked(x, self.seed, p)
         self.users: set[int] = set()  # adapters (id of A) that already drew from this mask
 
     def matches(self, x: Tensor, p: float, user: int) -> bool:
-        return (self.ref() is x and self.version == x._version and self.p == p and self.keep is not None
+        return (self.ref() is x and self.version == x._version and self.p == p and self.masked is not None
                 and user not in self.users)
 
     def release(self) -> None:
-        self.keep = self.masked = None
-
-    def keep_mask(self, shape: Sequence[int], device: torch.device) -> Tensor:
-        """The keep mask, regenerated from the seed once per group when it was released."""
-        if self.keep is None:
-            self.keep = dropout_mask(shape, self.p, self.seed, device, self.dtype)
-        return self.keep
-
-    def finish_backward(self) -> None:
-        self.done += 1
-        if self.done >= self.members:
-            self.release()
-            self.done = 0
+        self.masked = None
 
 
 _current: list[_DropGroup | None] = [None]
@@ -229,11 +203,11 @@ class FusedLoraLinear(torch.autograd.Function):
                 t = F.linear(x2, Ac) if ctx.needs_input_grad[4] else None  # (N, in) -> (N, r*k)
             else:
                 out = F.linear(x2, w, None if bias is None else _cast(bias, cdt))  # (N, in) -> (N, out)
-                if group is not None:  # eager dropout: shared seed-regenerated mask
-                    group.members += 1
+                if group is not None:  # eager dropout: the group's masked input (one per sibling group)
                     masked = group.masked
                     if masked is None:
-                        masked = x * group.keep_mask(x.shape, x.device)
+                        with torch.no_grad():
+                            masked = DK.masked(x, group.seed, p)
                 elif keep is not None:  # compiled dropout: explicit bool mask
                     masked = torch.where(keep, x, 0)
                 else:
@@ -247,8 +221,7 @@ class FusedLoraLinear(torch.autograd.Function):
                     row += o1 - o0
         dropped = group is not None or keep is not None
         ctx.meta = (scaling, s_eff, slices, fan_in_fan_out, cdt, x.shape, x.dtype, bias is not None, fold,
-                    dropped)
-        ctx.group = group
+                    dropped, None if group is None else (group.seed, p))
         # grad A needs the (masked) input, grad W the input: with dropout, the masked input is saved
         # instead of x (same size, shared by siblings) so backward need not rebuild it
         need_a, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[1]
@@ -259,8 +232,7 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, A, B, t, keep, masked_in = ctx.saved_tensors
-        _scaling, s_eff, slices, fifo, cdt, x_shape, x_dtype, has_bias, fold, dropped = ctx.meta
-        group: _DropGroup | None = ctx.group
+        _scaling, s_eff, slices, fifo, cdt, x_shape, x_dtype, has_bias, fold, dropped, hashed = ctx.meta
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         in_f = x_shape[-1]
         with _no_autocast(grad_out.device.type):
@@ -270,11 +242,8 @@ class FusedLoraLinear(torch.autograd.Function):
             masked = x2
             if dropped:
                 masked = _cast(masked_in.reshape(-1, in_f), cdt) if masked_in is not None else None
-                if need_x:  # dropout's backward needs the 0/1 keep mask itself (siblings share one)
-                    mask = _cast(keep, cdt) if group is None else group.keep_mask(x_shape, grad_out.device)
-                    mask = mask.reshape(-1, in_f)
-                if group is not None:
-                    group.finish_backward()
+                if need_x and hashed is None:  # compiled dropout: the saved bool mask
+                    mask = _cast(keep, cdt).reshape(-1, in_f)
             r = A.shape[0] // len(slices)
             Ac = _cast(A, cdt)
             Bs = _cast(B * s_eff, cdt)
@@ -305,11 +274,15 @@ class FusedLoraLinear(torch.autograd.Function):
                 gx = gx_full.view(-1, in_f)  # autograd can then take it as x.grad without a copy
                 if fold:  # one GEMM with the recomputed W' = W + s B A
                     torch.mm(g, folded_weight(w, Ac, Bs, slices), out=gx)
-                elif mask is None:
+                elif not dropped:
                     torch.mm(g, w, out=gx)  # (N, out) @ (out, in) -> (N, in)
                     gx.addmm_(gt, Ac)  # (N, r*k) @ (r*k, in), added in place
                 else:  # dropout's backward: the LoRA part masked, then the GEMM accumulates into it
-                    torch.mm(gt, Ac, out=gx).mul_(mask)  # 0/1 floats: 4x cheaper than torch.where
+                    torch.mm(gt, Ac, out=gx)
+                    if hashed is not None:  # the dropped elements zeroed from the seed, in one pass
+                        DK.mask_(gx, *hashed)
+                    else:
+                        gx.mul_(mask)
                     gx.addmm_(g, w)
                 gx = _cast(gx_full, x_dtype)
             gw = None
