@@ -12,13 +12,12 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
 * Saved for backward: the input ``x`` (once; the same tensor object for sibling projections) or,
   with dropout, the masked input instead of ``x`` (same size, also shared by siblings; saves
   rebuilding it), the (N, r) intermediate ``A x`` and nothing else. The dropout mask is **not**
-  saved: it is regenerated in backward from its 32-bit seed, so
-  dropout costs no extra activation memory, instead of a float copy of ``dropout(x)`` plus a bool
-  mask per module.
+  saved: backward applies it again from its 32-bit seed, so dropout costs no extra activation
+  memory, instead of a float copy of ``dropout(x)`` plus a bool mask per module.
 * Sibling projections that read the same tensor (q/k/v, gate/up) share one dropout mask and one
   masked input, as loralib's ``MergedLinear`` does for a fused qkv: a one-entry cache keyed by the
-  input tensor's identity and version (:class:`_DropGroup`). Their backwards share one regenerated
-  mask, which is dropped once every member of the group has run its backward.
+  input tensor's identity and version (:class:`_DropGroup`). Their backwards apply the same
+  mask from the group's seed.
 * Gradients are computed only where ``needs_input_grad`` says so: a frozen base weight gets no
   weight gradient, the input gets one only when it requires grad.
 * The dropout mask is a counter-based hash of ``(seed, element index)`` (:mod:`lorakit.dropout_kernel`;
