@@ -221,6 +221,19 @@ def test_bf16_autocast_input_grad_matches_plain(p: float, fold: bool) -> None:
         assert (u - v).abs().max() <= 3e-2 * v.abs().max(), (u - v).abs().max()
 
 
+def test_drop_probability_near_one_takes_the_plain_path() -> None:
+    """p that rounds to 65536/65536 would drop everything and divide by zero: nn.Dropout handles it."""
+    layer = _layer(p=0.3)
+    layer.lora_dropout.p = 1.0 - 1e-6  # set on the module directly (LoraConfig rejects p >= 1)
+    x = torch.randn(N, D_IN, requires_grad=True)
+    assert not FU.fused_eligible(x, layer.weight, layer.lora_A, layer.lora_dropout)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    layer.lora_dropout.p = 0.999  # still representable: fused
+    assert FU.fused_eligible(x, layer.weight, layer.lora_A, layer.lora_dropout)
+
+
 def test_float_mask_equals_bool_mask() -> None:
     keep = FU.dropout_mask((33, 7), 0.2, 5)
     assert torch.equal(FU.dropout_mask((33, 7), 0.2, 5, dtype=torch.float32), keep.float())

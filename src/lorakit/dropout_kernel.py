@@ -93,12 +93,14 @@ def extension() -> Any | None:
 def _build() -> Any:
     """Compile (or load from torch's extension cache) the kernel for this CPU."""
     from torch.utils.cpp_extension import load_inline
-    # -march=native: the cached binary is named after this CPU's model and flags, so a cache shared
-    # between different machines never loads code built for instructions the CPU lacks
+    # -march=native: the cached binary is named after this CPU's model and flags (a cache shared
+    # between machines never loads code built for instructions the CPU lacks) and this environment
+    # (two venvs do not rebuild over each other's build directory)
     cpu = ""
     with contextlib.suppress(OSError):
         cpu = "".join(line for line in open("/proc/cpuinfo") if line.startswith(("model name", "flags")))
-    name = "lorakit_dropout_v2_" + hashlib.sha1((cpu or platform.processor()).encode()).hexdigest()[:10]
+    key = f"{cpu or platform.processor()}|{sys.prefix}|{torch.__version__}"  # one build per CPU and environment
+    name = "lorakit_dropout_v2_" + hashlib.sha1(key.encode()).hexdigest()[:10]
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     if not any(cache.glob(f"*/{name}/{name}*.so")):
         sys.stderr.write("lorakit: building the CPU dropout kernel (first use on this machine, about a minute)\n")

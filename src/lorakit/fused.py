@@ -328,7 +328,10 @@ def _dropout_p(dropout: nn.Module | None) -> float | None:
     if dropout is None or isinstance(dropout, nn.Identity):
         return 0.0
     if type(dropout) is nn.Dropout:
-        return float(dropout.p) if dropout.training else 0.0
+        if not dropout.training:
+            return 0.0
+        p = float(dropout.p)  # p so close to 1 that the 16-bit mask drops everything: the plain path
+        return p if keep_threshold(p) < _LEVELS else None
     return None
 
 
