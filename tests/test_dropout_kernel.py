@@ -12,13 +12,6 @@ from lorakit import fused as FU
 needs_kernel = pytest.mark.skipif(DK.extension() is None, reason="no C++ compiler for the CPU dropout kernel")
 
 
-@pytest.fixture
-def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run with the torch-ops path, as on a machine without a compiler."""
-    monkeypatch.setitem(DK._state, "ext", None)
-    monkeypatch.setitem(DK._state, "tried", True)
-
-
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

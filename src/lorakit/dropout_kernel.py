@@ -5,7 +5,7 @@ Element ``i`` (row-major index into the input) is kept when its 16-bit lane of
 ``i % 2`` (low, high half). Being a pure function of ``(seed, i)``, the mask is never stored:
 forward writes ``x ⊙ keep`` and backward zeroes the dropped input-gradient elements, both in one
 pass with no mask tensor. On CPU that pass is a C++ loop compiled on first use with
-``torch.utils.cpp_extension`` (~40 s once, cached); CUDA tensors, a machine without a compiler, or
+``torch.utils.cpp_extension`` (~50 s once, cached); CUDA tensors, a machine without a compiler, or
 ``LORAKIT_NO_EXTENSION=1`` use the same hash written with torch integer ops, so every path draws
 the identical mask for a seed.
 
@@ -92,7 +92,7 @@ def extension() -> Any | None:
 
 def _build() -> Any:
     """Compile (or load from torch's extension cache) the kernel for this CPU."""
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import get_default_build_root, load_inline
     # -march=native: the cached binary is named after this CPU's model and flags (a cache shared
     # between machines never loads code built for instructions the CPU lacks) and this environment
     # (two venvs do not rebuild over each other's build directory)
@@ -101,8 +101,7 @@ def _build() -> Any:
         cpu = "".join(line for line in open("/proc/cpuinfo") if line.startswith(("model name", "flags")))
     key = f"{cpu or platform.processor()}|{sys.prefix}|{torch.__version__}"  # one build per CPU and environment
     name = "lorakit_dropout_v2_" + hashlib.sha1(key.encode()).hexdigest()[:10]
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    if not any(cache.glob(f"*/{name}/{name}*.so")):
+    if not any(Path(get_default_build_root()).glob(f"*/{name}/{name}*.so")):  # torch's cache: no build needed
         sys.stderr.write("lorakit: building the CPU dropout kernel (first use on this machine, about a minute)\n")
     return load_inline(name, cpp_sources=[_SOURCE], functions=["apply_mask"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
