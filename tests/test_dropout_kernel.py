@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lorakit
+from lorakit import cpu_kernels as CK
 from lorakit import dropout_kernel as DK
 from lorakit import fused as FU
 
@@ -57,15 +58,9 @@ def _dropout_grads(seed: int) -> list[torch.Tensor]:
 
 def test_fused_path_same_with_and_without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     with_kernel = _dropout_grads(3)
-    monkeypatch.setitem(DK._state, "ext", None)
-    monkeypatch.setitem(DK._state, "tried", True)
+    monkeypatch.setitem(CK._state, "ext", None)
+    monkeypatch.setitem(CK._state, "tried", True)
     without = _dropout_grads(3)
     for a, b in zip(with_kernel, without, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-
-def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LORAKIT_NO_EXTENSION", "1")
-    monkeypatch.setitem(DK._state, "tried", False)
-    monkeypatch.setitem(DK._state, "ext", "sentinel")
-    assert DK.extension() is None

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_kernels as CK
 from . import dropout_kernel as DK
 
 Slices = tuple[tuple[int, int], ...]
@@ -366,19 +367,26 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B:
     if p is None:
         return None
     needs_graph = _needs_graph(x, weight, bias, A, B)
-    if p == 0.0 and not needs_graph and slices is None and not fan_in_fan_out \
-            and not torch.is_autocast_enabled(x.device.type):
-        return _inference_linear(x, weight, bias, A, B, scaling)
+    if p == 0.0 and not needs_graph and slices is None and not torch.is_autocast_enabled(x.device.type):
+        return _inference_linear(x, weight.transpose(0, 1) if fan_in_fan_out else weight, bias, A, B, scaling)
     return _lora_linear(x, weight, bias, A, B, scaling, p, needs_graph, fan_in_fan_out, slices)
 
 
 def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                       scaling: float) -> Tensor:
-    """:func:`_inference` for a plain (out, in) Linear without autocast: the fewest ops."""
+    """:func:`_inference` for one (out, in) weight without autocast: the fewest ops."""
     in_f = x.shape[-1]
     n = x.numel() // in_f if in_f else 0
     out_f = weight.shape[0]
-    if n < _SMALL_ROWS:  # decoding: three GEMM calls, no views (their dispatch is the cost here)
+    if n <= KERNEL_ROWS and x.is_cpu and not torch.compiler.is_compiling():
+        # decoding: the base GEMV, then one C++ call for s (x A^T) B^T (three BLAS calls and an add
+        # otherwise; with A and B cold in cache after the base weights, their dispatch was the cost)
+        ext = CK.extension()
+        out = F.linear(x, weight, bias)
+        if ext is not None and ext.lora_add_(out, x, A, B, scaling):
+            return out
+        return out.add_(F.linear(F.linear(x, A), B), alpha=scaling)
+    if n < _SMALL_ROWS:  # few rows: three GEMM calls, no views (their dispatch is the cost here)
         return F.linear(x, weight, bias).add_(F.linear(F.linear(x, A), B), alpha=scaling)
     if fold_pays(n, in_f, out_f):
         return F.linear(x, folded_weight(weight, A, B, ((0, out_f),), scaling), bias)
@@ -386,6 +394,12 @@ def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     out.view(-1, out_f).addmm_(F.linear(x.reshape(-1, in_f), A), B.transpose(0, 1), alpha=scaling)
     return out
 
+
+#: Up to this many rows (token-by-token decoding) the no-grad forward on CPU adds the low-rank
+#: update with :mod:`lorakit.cpu_kernels`' ``lora_add_``: on SmolLM2's shapes it is 3-7x faster than
+#: the BLAS calls for one row, 2-3x for four, and mixed (0.6-2.7x) from eight rows
+#: (``python -m benchmarks.micro_decode --threads 1``).
+KERNEL_ROWS = 4
 
 #: Below this many rows the no-grad forward adds ``s (x A^T) B^T`` through a temporary instead of
 #: ``addmm_`` into a 2-d view: the (rows, out) temporary is cheaper than the extra view calls.
