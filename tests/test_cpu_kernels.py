@@ -42,8 +42,20 @@ def test_lora_add_leading_dims() -> None:
 
 
 @needs_kernel
+def test_lora_add_into_a_column_slice() -> None:
+    """One slice of a fused qkv output: the kernel writes those columns and nothing else."""
+    x, A, B = torch.randn(3, 24), torch.randn(4, 24), torch.randn(7, 4)
+    full = torch.randn(3, 20)
+    expect = full.clone()
+    expect[:, 5:12] = _reference(full[:, 5:12], x, A, B, 0.5)
+    assert CK.extension().lora_add_(full[:, 5:12], x, A, B, 0.5)
+    torch.testing.assert_close(full, expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(full[:, :5], expect[:, :5]) and torch.equal(full[:, 12:], expect[:, 12:])
+
+
+@needs_kernel
 @pytest.mark.parametrize("case", ["float64", "bf16", "strided-x", "grad-A", "rank-mismatch", "rows-mismatch",
-                                  "huge-rank", "empty-rank"])
+                                  "huge-rank", "empty-rank", "strided-out"])
 def test_lora_add_refuses_and_leaves_out_unchanged(case: str) -> None:
     x, A, B, out = torch.randn(2, 16), torch.randn(4, 16), torch.randn(8, 4), torch.randn(2, 8)
     if case == "float64":
@@ -58,6 +70,8 @@ def test_lora_add_refuses_and_leaves_out_unchanged(case: str) -> None:
         B = torch.randn(8, 3)
     elif case == "rows-mismatch":
         out = torch.randn(3, 8)
+    elif case == "strided-out":  # columns not unit-stride
+        out = torch.randn(8, 2).T
     elif case == "huge-rank":
         A, B = torch.randn(1025, 16), torch.randn(8, 1025)
     else:
@@ -93,10 +107,15 @@ class _Spy:
 
 
 @needs_kernel
-@pytest.mark.parametrize("fifo", [False, True])
-def test_decode_rows_use_the_kernel_and_match_without_it(monkeypatch: pytest.MonkeyPatch, fifo: bool) -> None:
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged", "merged-fifo"])
+def test_decode_rows_use_the_kernel_and_match_without_it(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     torch.manual_seed(0)
-    layer = lorakit.Linear(48, 80, r=8, lora_alpha=16, fan_in_fan_out=fifo, merge_weights=False)
+    fifo = kind.endswith("fifo")
+    if kind.startswith("merged"):  # GPT-2's c_attn: q and v adapted, k not
+        layer: nn.Module = lorakit.MergedLinear(48, 3 * 80, r=8, lora_alpha=16, enable_lora=[True, False, True],
+                                                fan_in_fan_out=fifo, merge_weights=False)
+    else:
+        layer = lorakit.Linear(48, 80, r=8, lora_alpha=16, fan_in_fan_out=fifo, merge_weights=False)
     nn.init.normal_(layer.lora_B)
     layer.eval()
     spy = _Spy(CK.extension())
@@ -104,7 +123,8 @@ def test_decode_rows_use_the_kernel_and_match_without_it(monkeypatch: pytest.Mon
     xs = [torch.randn(1, 1, 48), torch.randn(FU.KERNEL_ROWS, 48), torch.randn(FU.KERNEL_ROWS + 1, 48)]
     with torch.no_grad():
         got = [layer(x) for x in xs]
-    assert spy.calls == spy.handled == 2  # the first two: at most KERNEL_ROWS rows
+    per_call = 2 if kind.startswith("merged") else 1  # one call per adapted slice
+    assert spy.calls == spy.handled == 2 * per_call  # the first two inputs: at most KERNEL_ROWS rows
     monkeypatch.setitem(CK._state, "ext", None)  # the ATen path
     with torch.no_grad():
         for x, y in zip(xs, got, strict=True):

@@ -6,7 +6,8 @@ cost (docs/benchmarks.md):
 * ``apply_mask(x, seed, threshold, out)``: ``out = x ⊙ keep`` for the fused path's hashed dropout
   mask (:mod:`lorakit.dropout_kernel` defines the hash and its torch-ops reference), one parallel
   pass with no mask tensor; ``out`` may be ``x`` (dropout's backward, in place).
-* ``lora_add_(out, x, A, B, s) -> bool``: ``out += s (x Aᵀ) Bᵀ`` for a few float32 rows, the
+* ``lora_add_(out, x, A, B, s) -> bool``: ``out += s (x Aᵀ) Bᵀ`` for a few float32 rows (``out``
+  contiguous or a 2-d column slice: one slice of a fused qkv output), the
   no-grad low-rank update of token-by-token decoding in one call instead of three BLAS calls plus an
   add (1.5–8 µs instead of 11–17 µs per projection on one thread). It returns False, touching
   nothing, for any input it does not handle (dtype, device, layout, autograd), and the caller takes
@@ -107,18 +108,22 @@ static void matvec(const float* M, int64_t rows, int64_t cols, const float* v, f
     y[i] = accumulate ? y[i] + alpha * t : alpha * t;
   }
 }
-// out (n, o) += s (x (n, k) A^T (k, r)) B^T (r, o); float32, contiguous, not recorded by autograd.
+// out (n, o) += s (x (n, k) A^T (k, r)) B^T (r, o); float32, contiguous (out: or a 2-d column slice),
+// not recorded by autograd.
 // False: not handled, nothing written.
 bool lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor A, torch::Tensor B, double s) {
   if (A.dim() != 2 || B.dim() != 2) return false;
   const int64_t r = A.size(0), k = A.size(1), o = B.size(0);
   for (const auto& t : {out, x, A, B})
-    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || !t.is_contiguous()) return false;
+    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat) return false;
+  for (const auto& t : {x, A, B}) if (!t.is_contiguous()) return false;
+  if (!out.is_contiguous() && !(out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= out.size(1))) return false;
   if (at::GradMode::is_enabled())
     for (const auto& t : {out, x, A, B}) if (t.requires_grad()) return false;  // autograd would miss the update
   if (r < 1 || r > 1024 || k < 1 || B.size(1) != r || x.dim() < 1 || out.dim() < 1 || x.size(-1) != k ||
       out.size(-1) != o || x.numel() / k != out.numel() / std::max<int64_t>(o, 1)) return false;
   const int64_t n = x.numel() / k;
+  const int64_t ldo = out.dim() == 2 ? out.stride(0) : o;  // a 2-d out may be a column slice
   const float* xp = x.data_ptr<float>();
   const float* ap = A.data_ptr<float>();
   const float* bp = B.data_ptr<float>();
@@ -128,7 +133,7 @@ bool lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor A, torch::Tenso
     float t[1024];
     for (int64_t i = begin; i < end; ++i) {
       matvec(ap, r, k, xp + i * k, t, (float)s, false);   // t = s A x_i
-      matvec(bp, o, r, t, op + i * o, 1.f, true);         // out_i += B t
+      matvec(bp, o, r, t, op + i * ldo, 1.f, true);       // out_i += B t
     }
   });
   return true;

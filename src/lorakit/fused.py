@@ -465,6 +465,10 @@ def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
         out2 = F.linear(x2, folded_weight(w, A, B * scaling, slices), bias)
         return out2.view(*x.shape[:-1], out2.shape[-1])
     out2 = F.linear(x2, w, bias)  # (N, in) -> (N, out)
+    if x2.shape[0] <= KERNEL_ROWS and x2.is_cpu and not torch.compiler.is_compiling():
+        ext = CK.extension()  # decoding: one C++ call per slice (see _inference_linear)
+        if ext is not None and _kernel_slices(ext, out2, x2, A, B, scaling, slices):
+            return out2.view(*x.shape[:-1], out2.shape[-1])
     t = F.linear(x2, A)  # (N, in) -> (N, r*k)
     if len(slices) == 1:
         o0, o1 = slices[0]
@@ -477,6 +481,22 @@ def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
             out2[:, o0:o1].addmm_(t[:, j * r:(j + 1) * r], Bj, alpha=scaling)
             row += o1 - o0
     return out2.view(*x.shape[:-1], out2.shape[-1])
+
+
+def _kernel_slices(ext: Any, out2: Tensor, x2: Tensor, A: Tensor, B: Tensor, scaling: float,
+                   slices: Slices) -> bool:
+    """``out2[:, slice] += s (x2 A_jᵀ) B_jᵀ`` for every slice by the C++ kernel; False (nothing written)
+    when it does not take these tensors."""
+    r = A.shape[0] // len(slices)
+    row = 0
+    for j, (o0, o1) in enumerate(slices):
+        Aj, Bj, oj = A[j * r:(j + 1) * r], B[row:row + o1 - o0], out2[:, o0:o1]
+        if not ext.lora_add_(oj, x2, Aj, Bj, scaling):
+            if j == 0:  # the slices share dtypes and layouts: a refusal comes at the first
+                return False
+            oj.addmm_(F.linear(x2, Aj), Bj.transpose(0, 1), alpha=scaling)
+        row += o1 - o0
+    return True
 
 
 @functools.lru_cache(maxsize=256)
