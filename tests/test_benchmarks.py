@@ -31,6 +31,7 @@ SCRIPTS = [
     ("benchmarks.interleaved_inference", ["--model", "smollm2", "--threads", "1"], 3),
     ("benchmarks.interleaved_inference", ["--model", "minilm", "--threads", "1"], 3),
     ("benchmarks.micro_fused", ["--threads", "1"], 4),
+    ("benchmarks.micro_decode", ["--threads", "1", "--rows", "1,4"], 8),
     ("benchmarks.profile_step", ["--model", "minilm"], 7),
     ("benchmarks.multi_adapter", ["--threads", "1"], 12),
     # the GPU suite's precision on the CPU (bf16 weights, bf16 autocast): benchmarks/run_gpu.sh
