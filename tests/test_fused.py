@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -392,3 +394,29 @@ def test_no_grad_forward_matches_reference_at_every_row_count(rows: tuple[int, .
                                  None, layer.fan_in_fan_out)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", ["identity", "eval", "p0-train", "custom-eval"])
+@pytest.mark.parametrize("setting", ["fp32", "autocast-bf16", "bf16-base"])
+def test_no_grad_entry_matches_plain_path(dropout: str, setting: str) -> None:
+    """The specialised no-grad entry of ``linear_forward`` gives what the plain path gives, for every
+    dropout module and dtype setting it must accept or hand on."""
+    torch.manual_seed(3)
+    layer = lorakit.Linear(D_IN, D_OUT, r=R, lora_alpha=8, lora_dropout=0.3, merge_weights=False)
+    nn.init.normal_(layer.lora_B)
+    layer.lora_dropout = {"identity": nn.Identity(), "eval": nn.Dropout(0.3).eval(), "p0-train": nn.Dropout(0.0),
+                          "custom-eval": nn.AlphaDropout(0.3).eval()}[dropout]
+    x = torch.randn(3, D_IN)
+    if setting == "bf16-base":
+        layer.to(torch.bfloat16)  # x stays fp32: mixed dtypes without autocast take the plain path
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast-bf16" else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        if setting == "bf16-base":
+            with pytest.raises(RuntimeError):  # the plain path's own error for mixed dtypes
+                layer(x)
+            return
+        got = layer(x)
+        with FU.disabled():
+            ref = layer(x)
+    tol = 2e-2 if setting == "autocast-bf16" else 1e-5
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)

@@ -363,6 +363,14 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B:
     Each check runs once (this runs once per adapted projection per forward, and in token-by-token
     decoding its overhead is what LoRA costs); a plain Linear without autocast gets the fewest ops.
     """
+    if not torch.is_grad_enabled() and slices is None and _state["enabled"]:
+        # no_grad / inference_mode (decoding): the general checks below, specialised (~2x less Python)
+        td = type(dropout)
+        if dropout is None or td is nn.Identity or (td is nn.Dropout and not dropout.training):
+            if x.dtype == weight.dtype == A.dtype and x.is_floating_point() \
+                    and not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+                return _inference_linear(x, weight.transpose(0, 1) if fan_in_fan_out else weight, bias, A, B,
+                                         scaling)
     p = _eligible_p(x, weight, A, dropout)
     if p is None:
         return None
