@@ -130,16 +130,17 @@ def setup_torch(threads: int | None = None) -> None:
 
 def interleave(steps: dict[str, Callable[[], Any]], reps: int, warmup: int, wall: bool = False) -> dict[str, float]:
     """Median ms per step of each callable, run in turn rep by rep in this process (a loaded machine
-    slows them alike); CPU time of the process unless ``wall``."""
+    slows them alike), the order rotated each rep; CPU time of the process unless ``wall``."""
     clock = time.perf_counter if wall else time.process_time
     for _ in range(warmup):
         for f in steps.values():
             f()
     times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(reps):
-        for n, f in steps.items():
+    order = list(steps)
+    for i in range(reps):  # rotated each rep: no variant always runs first (measured: ~5 % apart)
+        for n in order[i % len(order):] + order[:i % len(order)]:
             t0 = clock()
-            f()
+            steps[n]()
             times[n].append((clock() - t0) * 1e3)
     return {n: statistics.median(v) for n, v in times.items()}
 

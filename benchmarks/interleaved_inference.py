@@ -3,11 +3,14 @@
     python -m benchmarks.interleaved_inference --model smollm2 --threads 1      # greedy generation
     python -m benchmarks.interleaved_inference --model minilm --threads 1       # forward 32x128
     python -m benchmarks.interleaved_inference --variants base,lorakit-unmerged,peft-unmerged --batch 16
+    python -m benchmarks.interleaved_inference --variants base-copy,lorakit-unmerged,lorakit-merged,base
 
 The same workloads as :mod:`benchmarks.bench_inference`, but every variant's model lives in this
 process and the calls alternate (base, lorakit-unmerged, lorakit-merged, base, ...), timed by this
 process's CPU time (``--wall`` for wall time on a quiet machine), so machine-load drift between
 processes does not enter the ratios. ``--batch`` sets the generation batch (default 1).
+``base-copy`` is a deep copy of the base model, i.e. its weights in freshly allocated memory like
+every adapted variant's (the loaded model's memory can be slower or faster than a copy's).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def _variant(base: nn.Module, name: str, r: int) -> nn.Module:
     if name == "base":
         return base
     model = copy.deepcopy(base)
+    if name == "base-copy":  # the base model's weights in fresh memory, as the adapted variants' are
+        return model
     if name == "peft-unmerged":
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
