@@ -25,6 +25,9 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
   unbiased). No mask tensor exists: on CPU one C++ pass writes the masked input in forward and
   another zeroes the dropped input-gradient elements in backward (torch integer ops compute the
   identical mask where the kernel is unavailable).
+* Without autograd (inference) nothing is saved and no Function runs. For token-by-token decoding
+  (≤ :data:`KERNEL_ROWS` rows, CPU, float32) the low-rank update is one call of the C++
+  ``lora_add_`` (:mod:`lorakit.cpu_kernels`) after the base GEMV, instead of three BLAS calls and an add.
 
 When the fused path is used (:func:`fused_eligible`): the layer is active, ``lorakit.fused`` is
 enabled (:func:`set_enabled`, :func:`disabled`) and the layer's ``lora_fused`` attribute is not
