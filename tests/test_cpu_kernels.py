@@ -145,3 +145,115 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(CK._state, "tried", False)
     monkeypatch.setitem(CK._state, "ext", "sentinel")
     assert CK.extension() is None
+
+
+# --- training's skinny products ----------------------------------------------------------------
+@needs_kernel
+@pytest.mark.parametrize("N,k,r", [(1, 5, 1), (37, 768, 8), (300, 100, 16), (64, 33, 3), (2000, 48, 32)])
+def test_rows_mm_t_matches_float64(N: int, k: int, r: int) -> None:
+    g = torch.Generator().manual_seed(N + k + r)
+    X, M = torch.randn(N, k, generator=g), torch.randn(r, k, generator=g)
+    got = CK.extension().rows_mm_t(X, M)
+    torch.testing.assert_close(got, (X.double() @ M.double().T).float(), rtol=1e-5, atol=1e-4)
+    wide = torch.randn(N, k + 7, generator=g)  # rows strided: a column slice of a wider tensor
+    torch.testing.assert_close(CK.extension().rows_mm_t(wide[:, 3:3 + k], M),
+                               (wide[:, 3:3 + k].double() @ M.double().T).float(), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N,o,r", [(1, 5, 8), (17, 13, 8), (600, 40, 16), (1000, 768, 8), (257, 7, 32), (48, 1, 16)])
+def test_rows_t_mm_matches_float64(N: int, o: int, r: int, threads: int) -> None:
+    """Every register-block width (r = 8, 16, 32), leftover columns, leftover rows, one or several
+    per-thread accumulators."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(N + o + r)
+        wide, T = torch.randn(N, o + 4, generator=gen), torch.randn(N, r, generator=gen)
+        G = wide[:, 2:2 + o]  # strided rows
+        got = CK.extension().rows_t_mm(G, T)
+    finally:
+        torch.set_num_threads(saved)
+    assert got.shape == (o, r) and got.is_contiguous()
+    torch.testing.assert_close(got, (G.double().T @ T.double()).float(), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["rank-4", "float64", "strided-T", "rows-mismatch", "grad"])
+def test_skinny_kernels_refuse(case: str) -> None:
+    X, M, T = torch.randn(20, 16), torch.randn(8, 16), torch.randn(20, 8)
+    if case == "rank-4":  # rows_mm_t takes any rank, rows_t_mm only 8, 16, 32
+        T = torch.randn(20, 4)
+        assert CK.extension().rows_mm_t(X, torch.randn(4, 16)) is not None
+    elif case == "float64":
+        X, M, T = X.double(), M.double(), T.double()
+    elif case == "strided-T":
+        T = torch.randn(8, 20).T
+        M = torch.randn(16, 8).T
+    elif case == "rows-mismatch":
+        T = torch.randn(21, 8)
+        M = torch.randn(8, 15)
+    else:
+        X.requires_grad_(True)
+    assert CK.extension().rows_t_mm(X, T) is None
+    if case != "rank-4":
+        assert CK.extension().rows_mm_t(X, M) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_fused_gradients_with_skinny_kernels(monkeypatch: pytest.MonkeyPatch, p: float, fold: bool, kind: str) -> None:
+    """The training step with every rank-r product in the kernels equals the same step in ATen
+    (same dropout mask: same seed), gradients to fp32 round-off."""
+    torch.manual_seed(0)
+    if kind == "merged":
+        layer: nn.Module = lorakit.MergedLinear(40, 3 * 24, r=8, lora_alpha=16, lora_dropout=p,
+                                                enable_lora=[True, False, True], merge_weights=False)
+    else:
+        layer = lorakit.Linear(40, 56, r=16, lora_alpha=32, lora_dropout=p, fan_in_fan_out=kind == "fifo",
+                               merge_weights=False)
+    nn.init.normal_(layer.lora_B)
+    layer.weight.requires_grad_(False)
+    monkeypatch.setattr(FU, "FOLD_ROWS_FACTOR", 0.0 if fold else float("inf"))
+    x = torch.randn(3, 70, 40)
+    g = torch.randn(3, 70, layer.out_features)
+
+    def step(min_elements: float) -> list[torch.Tensor]:
+        monkeypatch.setattr(FU, "SKINNY_MIN_ELEMENTS", min_elements)
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(5)  # the same dropout seed for both runs
+        layer.lora_A.grad = layer.lora_B.grad = None
+        out = layer(xi)
+        out.backward(g)
+        return [out.detach(), xi.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    spy = _Spy2(CK.extension())
+    monkeypatch.setitem(CK._state, "ext", spy)
+    with_kernels = step(0)
+    assert spy.handled > 0
+    in_aten = step(float("inf"))
+    for a, b in zip(with_kernels, in_aten, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+class _Spy2:
+    """Counts the skinny kernels' handled calls; everything else passes through."""
+
+    def __init__(self, ext: Any) -> None:
+        self.ext, self.handled = ext, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ext, name)
+
+    def rows_mm_t(self, *args: Any) -> Any:
+        out = self.ext.rows_mm_t(*args)
+        self.handled += out is not None
+        return out
+
+    def rows_t_mm(self, *args: Any) -> Any:
+        out = self.ext.rows_t_mm(*args)
+        self.handled += out is not None
+        return out

@@ -155,6 +155,38 @@ def _group_for(x: Tensor, p: float, user: int) -> _DropGroup:
     return g
 
 
+# --- skinny products ------------------------------------------------------------------------------
+#: The rank-r products of the training step go to :mod:`lorakit.cpu_kernels` (float32 CPU) when the
+#: wide operand has at least this many elements, i.e. no longer fits the caches: there MKL runs
+#: them at a third of memory bandwidth, below it MKL is as fast or faster (SmolLM2's 512-row
+#: steps). ``0`` always uses the kernels (tests), ``inf`` never.
+SKINNY_MIN_ELEMENTS: float = 1 << 20
+
+
+def _skinny_ext(wide: Tensor) -> Any | None:
+    if wide.numel() < SKINNY_MIN_ELEMENTS or not wide.is_cpu or wide.dtype != torch.float32 \
+            or torch.compiler.is_compiling():
+        return None
+    return CK.extension()
+
+
+def _mm_t(X: Tensor, M: Tensor) -> Tensor:
+    """``X Mᵀ``: (N, k) @ (k, r) -> (N, r)."""
+    ext = _skinny_ext(X)
+    out = ext.rows_mm_t(X, M) if ext is not None else None
+    return F.linear(X, M) if out is None else out
+
+
+def _t_mm(G: Tensor, T: Tensor, transposed: bool = False) -> Tensor:
+    """``Gᵀ T``: (o, N) @ (N, r) -> (o, r); its transpose ``Tᵀ G`` (r, o) when ``transposed``."""
+    ext = _skinny_ext(G)
+    out = ext.rows_t_mm(G, T) if ext is not None else None
+    if out is None:  # (r, N) @ (N, o): the r-major product is the fast BLAS shape
+        rt = T.transpose(0, 1) @ G
+        return rt if transposed else rt.transpose(0, 1)
+    return out.transpose(0, 1).contiguous() if transposed else out
+
+
 # --- the Function -------------------------------------------------------------------------------
 def _compute_dtype(x: Tensor) -> torch.dtype:
     dev = x.device.type
@@ -203,7 +235,7 @@ class FusedLoraLinear(torch.autograd.Function):
             if fold:  # no dropout, many rows: one GEMM with W' = W + s B A (out*in*r flops)
                 out = F.linear(x2, folded_weight(w, Ac, Bs, slices), None if bias is None else _cast(bias, cdt))
                 # t = x A^T is only needed for grad B
-                t = F.linear(x2, Ac) if ctx.needs_input_grad[4] else None  # (N, in) -> (N, r*k)
+                t = _mm_t(x2, Ac) if ctx.needs_input_grad[4] else None  # (N, in) -> (N, r*k)
             else:
                 out = F.linear(x2, w, None if bias is None else _cast(bias, cdt))  # (N, in) -> (N, out)
                 if group is not None:  # eager dropout: the group's masked input (one per sibling group)
@@ -215,7 +247,7 @@ class FusedLoraLinear(torch.autograd.Function):
                     masked = torch.where(keep, x, 0)
                 else:
                     masked = x
-                t = F.linear(_cast(masked.reshape(-1, in_f), cdt), Ac)  # (N, in) @ (in, r*k) -> (N, r*k)
+                t = _mm_t(_cast(masked.reshape(-1, in_f), cdt), Ac)  # (N, in) @ (in, r*k) -> (N, r*k)
                 r = A.shape[0] // len(slices)
                 row = 0
                 for j, (o0, o1) in enumerate(slices):
@@ -257,10 +289,10 @@ class FusedLoraLinear(torch.autograd.Function):
             row = 0
             for j, (o0, o1) in enumerate(slices):
                 gj = g[:, o0:o1]  # (N, rows)
-                if need_bb:  # (r, N) @ (N, rows) -> (r, rows); r-major is the fast BLAS shape here
-                    gB_parts.append((t[:, j * r:(j + 1) * r].transpose(0, 1) @ gj).transpose(0, 1))
+                if need_bb:  # (rows, N) @ (N, r) -> (rows, r)
+                    gB_parts.append(_t_mm(gj, t[:, j * r:(j + 1) * r]))
                 if need_a or (need_x and not fold):  # (N, rows) @ (rows, r) -> (N, r), already scaled
-                    gt_parts.append(gj @ BsT[:, row:row + o1 - o0].transpose(0, 1))
+                    gt_parts.append(_mm_t(gj, BsT[:, row:row + o1 - o0]))
                 row += o1 - o0
             gB = None
             if gB_parts:
@@ -268,7 +300,7 @@ class FusedLoraLinear(torch.autograd.Function):
             gt = None
             if gt_parts:
                 gt = gt_parts[0] if len(gt_parts) == 1 else torch.cat(gt_parts, 1)  # (N, r*k)
-            gA = gt.transpose(0, 1) @ masked if need_a else None  # (r*k, N) @ (N, in) -> (r*k, in)
+            gA = _t_mm(masked, gt, transposed=True) if need_a else None  # (r*k, N) @ (N, in) -> (r*k, in)
             gx = None
             if need_x:
                 w = _cast(weight, cdt)
