@@ -218,6 +218,9 @@ def parse(argv: Sequence[str] | None = None, extra: Callable[[argparse.ArgumentP
     ap.add_argument("--json-out", help="also write the table rows as JSON here")
     ap.add_argument("--in-process", action="store_true",
                     help="run every variant in this process (no clean peak RSS; the default with --smoke)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the subprocess round this many times, the variant order rotated each round, "
+                         "and report each variant's median over the rounds (a shared machine's drift)")
     add_device_args(ap)
     if extra:
         extra(ap)
@@ -238,6 +241,30 @@ def _child(module: str, variant: str, argv: Sequence[str]) -> dict[str, Any]:
     return {"error": f"exit {proc.returncode}"}
 
 
+def _drop_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--opt V`` or ``--opt=V``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def _median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's rounds as one row: median step time and peak memory; a failure if any failed."""
+    ok = [r for r in results if "median_ms" in r]
+    if len(ok) < len(results):
+        return next(r for r in results if "median_ms" not in r)
+    row = dict(ok[0])
+    row["median_ms"] = statistics.median(r["median_ms"] for r in ok)
+    row["peak_mib"] = statistics.median(r["peak_mib"] for r in ok)
+    return row
+
+
 def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespace], Measured]], anchor: str,
          argv: Sequence[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None,
          ) -> list[dict[str, Any]]:
@@ -252,19 +279,21 @@ def main(module: str, title: str, variants: dict[str, Callable[[argparse.Namespa
         print(json.dumps(asdict(res)))
         return []
     pass_on = [a for a in raw if a not in ("--only",) and a not in (args.only or [])]
+    pass_on = _drop_option(pass_on, "--rounds")
     args.load_before = os.getloadavg()[0]
     in_process = args.in_process or args.smoke
     if in_process:
         setup_torch(args.threads)
         if args.cpu_time:
             _clock["now"] = time.process_time
-    rows = []
-    for name in variants:
-        if args.only and name not in args.only and name != anchor:
-            continue
-        res = asdict(variants[name](args)) if in_process else _child(module, name, pass_on)
-        res["variant"] = name
-        rows.append(res)
+    names = [n for n in variants if not args.only or n in args.only or n == anchor]
+    rounds = 1 if in_process else max(1, args.rounds)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            runs[name].append(asdict(variants[name](args)) if in_process else _child(module, name, pass_on))
+    rows = [{**_median_run(runs[name]), "variant": name} for name in names]
+    args.rounds = rounds
     args.load_after = os.getloadavg()[0]
     print(table(title, rows, anchor, args))
     if args.json_out:
@@ -285,6 +314,7 @@ def table(title: str, rows: list[dict[str, Any]], anchor: str, args: argparse.Na
            f"{clock}, "
            f"torch {torch.__version__}, "
            f"median of {args.reps} after {args.warmup} warm-up"
+           + (f", median over {args.rounds} rounds (order rotated)" if getattr(args, "rounds", 1) > 1 else "")
            + (f", 1-min load average {args.load_before:.1f} at start, {args.load_after:.1f} at end"
               if hasattr(args, "load_after") else ""),
            "", f"| variant | median ms | × {anchor} | {mem} | extra MiB vs {anchor} | notes |",

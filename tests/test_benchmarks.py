@@ -80,3 +80,11 @@ def test_device_and_dtype_arguments() -> None:
     assert harness.dtype_of(harness.parse([])) == torch.float32
     with pytest.raises(SystemExit, match="use cpu or cuda"):
         harness.parse(["--device", "meta"])
+
+
+def test_rounds_option_is_not_passed_to_children_and_rounds_take_the_median() -> None:
+    assert harness._drop_option(["--rounds", "3", "--reps", "5", "--rounds=2", "--threads", "1"], "--rounds") \
+        == ["--reps", "5", "--threads", "1"]
+    runs = [{"median_ms": v, "peak_mib": m, "times_ms": []} for v, m in ((10.0, 300), (30.0, 100), (20.0, 200))]
+    assert harness._median_run(runs)["median_ms"] == 20.0 and harness._median_run(runs)["peak_mib"] == 200
+    assert harness._median_run([*runs, {"error": "exit 1"}]) == {"error": "exit 1"}
