@@ -25,6 +25,10 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
   unbiased). No mask tensor exists: on CPU one C++ pass writes the masked input in forward and
   another zeroes the dropped input-gradient elements in backward (torch integer ops compute the
   identical mask where the kernel is unavailable).
+* The rank-r products (``x Aᵀ``, ``g Bᵀ``, ``gᵀ (x Aᵀ)``, ``(g B)ᵀ x``) run in
+  :mod:`lorakit.cpu_kernels` when their wide operand no longer fits the caches
+  (:data:`SKINNY_MIN_ELEMENTS`, float32 CPU): MKL runs these skinny shapes at a third of memory
+  bandwidth there.
 * Without autograd (inference) nothing is saved and no Function runs. For token-by-token decoding
   (≤ :data:`KERNEL_ROWS` rows, CPU, float32) the low-rank update is one call of the C++
   ``lora_add_`` (:mod:`lorakit.cpu_kernels`) after the base GEMV, instead of three BLAS calls and an add.
