@@ -4,6 +4,7 @@
     python -m benchmarks.interleaved_inference --model minilm --threads 1       # forward 32x128
     python -m benchmarks.interleaved_inference --variants base,lorakit-unmerged,peft-unmerged --batch 16
     python -m benchmarks.interleaved_inference --variants base-copy,lorakit-unmerged,lorakit-merged,base
+    python -m benchmarks.interleaved_inference --variants lorakit-disabled,lorakit-unmerged,base
 
 The same workloads as :mod:`benchmarks.bench_inference`, but every variant's model lives in this
 process and the calls alternate (base, lorakit-unmerged, lorakit-merged, base, ...), timed by this
@@ -11,6 +12,9 @@ process's CPU time (``--wall`` for wall time on a quiet machine), so machine-loa
 processes does not enter the ratios. ``--batch`` sets the generation batch (default 1).
 ``base-copy`` is a deep copy of the base model, i.e. its weights in freshly allocated memory like
 every adapted variant's (the loaded model's memory can be slower or faster than a copy's).
+``lorakit-disabled`` is the ``lorakit-unmerged`` model itself run under
+``lorakit.disable_adapters``: the base's arithmetic on the very same weight memory, so its ratio to
+``lorakit-unmerged`` is the adapter's cost with memory placement taken out.
 """
 
 from __future__ import annotations
@@ -63,7 +67,10 @@ def main() -> None:
     base = load(args.model, args.smoke).eval()
     r = 8 if args.model == "minilm" else 16
     names = args.variants.split(",")
-    models = {n: _variant(base, n, r) for n in names}
+    models = {n: _variant(base, n, r) for n in names if n != "lorakit-disabled"}
+    if "lorakit-disabled" in names:  # the unmerged model itself, its adapters switched off per call
+        models["lorakit-disabled"] = models.get("lorakit-unmerged") or _variant(base, "lorakit-unmerged", r)
+        models = {n: models[n] for n in names}
     if args.model == "minilm":
         batch, seq = (2, 16) if args.smoke else (args.batch or 32, 128)
         ids = torch.randint(0, base.config.vocab_size, (batch, seq))
@@ -81,6 +88,14 @@ def main() -> None:
             m.generation_config.pad_token_id = m.generation_config.eos_token_id
             return lambda: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True)
     steps = {n: call(m) for n, m in models.items()}
+    if "lorakit-disabled" in steps:
+        plain = steps["lorakit-disabled"]
+        model = models["lorakit-disabled"]
+
+        def disabled() -> None:
+            with lorakit.disable_adapters(model):
+                plain()
+        steps["lorakit-disabled"] = disabled
     reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
     with torch.inference_mode():
         med = interleave(steps, reps, warmup, args.wall)

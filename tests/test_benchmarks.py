@@ -30,6 +30,8 @@ SCRIPTS = [
     ("benchmarks.interleaved", ["--model", "smollm2", "--threads", "1"], 4),
     ("benchmarks.interleaved_inference", ["--model", "smollm2", "--threads", "1"], 3),
     ("benchmarks.interleaved_inference", ["--model", "minilm", "--threads", "1"], 3),
+    ("benchmarks.interleaved_inference", ["--model", "smollm2", "--threads", "1", "--variants",
+                                          "lorakit-disabled,lorakit-unmerged,base-copy"], 3),
     ("benchmarks.micro_fused", ["--threads", "1"], 4),
     ("benchmarks.micro_decode", ["--threads", "1", "--rows", "1,4"], 8),
     ("benchmarks.profile_step", ["--model", "minilm"], 7),
