@@ -74,6 +74,9 @@ torch::Tensor apply_mask(torch::Tensor x, int64_t seed, int64_t threshold, torch
   return out;
 }
 
+// a tensor autograd would record an in-place write to (such writes would escape it)
+static inline bool recorded(const torch::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
+
 // ---- low-rank update for a few rows (decoding) ------------------------------------------------
 #ifdef __AVX2__
 static inline __m256 hsum8(const __m256* a) {  // lane u = the sum of a[u]'s eight lanes
@@ -119,11 +122,9 @@ bool lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor A, torch::Tenso
   if (A.dim() != 2 || B.dim() != 2) return false;
   const int64_t r = A.size(0), k = A.size(1), o = B.size(0);
   for (const auto& t : {out, x, A, B})
-    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat) return false;
+    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || recorded(t)) return false;
   for (const auto& t : {x, A, B}) if (!t.is_contiguous()) return false;
   if (!out.is_contiguous() && !(out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= out.size(1))) return false;
-  if (at::GradMode::is_enabled())
-    for (const auto& t : {out, x, A, B}) if (t.requires_grad()) return false;  // autograd would miss the update
   if (r < 1 || r > 1024 || k < 1 || B.size(1) != r || x.dim() < 1 || out.dim() < 1 || x.size(-1) != k ||
       out.size(-1) != o || x.numel() / k != out.numel() / std::max<int64_t>(o, 1)) return false;
   const int64_t n = x.numel() / k;
@@ -146,7 +147,7 @@ bool lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor A, torch::Tenso
 // ---- training's skinny products (rank r much smaller than the widths), float32 ----------------
 static bool f32_rows(const torch::Tensor& t) {  // 2-d float32 CPU, unit column stride (rows may be strided)
   return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1 &&
-         t.stride(0) >= t.size(1) && !(at::GradMode::is_enabled() && t.requires_grad());
+         t.stride(0) >= t.size(1) && !recorded(t);
 }
 // X (N, k) M (r, k)^T -> (N, r), a matrix-vector product per row; None: not handled
 c10::optional<torch::Tensor> rows_mm_t(torch::Tensor X, torch::Tensor M) {

@@ -167,11 +167,17 @@ def _group_for(x: Tensor, p: float, user: int) -> _DropGroup:
 SKINNY_MIN_ELEMENTS: float = 1 << 20
 
 
-def _skinny_ext(wide: Tensor) -> Any | None:
-    if wide.numel() < SKINNY_MIN_ELEMENTS or not wide.is_cpu or wide.dtype != torch.float32 \
-            or torch.compiler.is_compiling():
+def _cpu_ext(t: Tensor) -> Any | None:
+    """The C++ kernels for a CPU tensor outside ``torch.compile`` (dynamo cannot trace them), else None."""
+    if not t.is_cpu or torch.compiler.is_compiling():
         return None
     return CK.extension()
+
+
+def _skinny_ext(wide: Tensor) -> Any | None:
+    if wide.numel() < SKINNY_MIN_ELEMENTS or wide.dtype != torch.float32:
+        return None
+    return _cpu_ext(wide)
 
 
 def _mm_t(X: Tensor, M: Tensor) -> Tensor:
@@ -424,17 +430,17 @@ def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     """:func:`_inference` for one (out, in) weight without autocast: the fewest ops."""
     in_f = x.shape[-1]
     n = x.numel() // in_f if in_f else 0
-    out_f = weight.shape[0]
-    if n <= KERNEL_ROWS and x.is_cpu and not torch.compiler.is_compiling():
+    ext = _cpu_ext(x) if n <= KERNEL_ROWS else None
+    if ext is not None:
         # decoding: the base GEMV, then one C++ call for s (x A^T) B^T (three BLAS calls and an add
         # otherwise; with A and B cold in cache after the base weights, their dispatch was the cost)
-        ext = CK.extension()
         out = F.linear(x, weight, bias)
-        if ext is not None and ext.lora_add_(out, x, A, B, scaling):
+        if ext.lora_add_(out, x, A, B, scaling):
             return out
         return out.add_(F.linear(F.linear(x, A), B), alpha=scaling)
     if n < _SMALL_ROWS:  # few rows: three GEMM calls, no views (their dispatch is the cost here)
         return F.linear(x, weight, bias).add_(F.linear(F.linear(x, A), B), alpha=scaling)
+    out_f = weight.shape[0]
     if fold_pays(n, in_f, out_f):
         return F.linear(x, folded_weight(weight, A, B, ((0, out_f),), scaling), bias)
     out = F.linear(x, weight, bias)
@@ -512,10 +518,9 @@ def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
         out2 = F.linear(x2, folded_weight(w, A, B * scaling, slices), bias)
         return out2.view(*x.shape[:-1], out2.shape[-1])
     out2 = F.linear(x2, w, bias)  # (N, in) -> (N, out)
-    if x2.shape[0] <= KERNEL_ROWS and x2.is_cpu and not torch.compiler.is_compiling():
-        ext = CK.extension()  # decoding: one C++ call per slice (see _inference_linear)
-        if ext is not None and _kernel_slices(ext, out2, x2, A, B, scaling, slices):
-            return out2.view(*x.shape[:-1], out2.shape[-1])
+    ext = _cpu_ext(x2) if x2.shape[0] <= KERNEL_ROWS else None  # decoding: one C++ call per slice
+    if ext is not None and _kernel_slices(ext, out2, x2, A, B, scaling, slices):
+        return out2.view(*x.shape[:-1], out2.shape[-1])
     t = F.linear(x2, A)  # (N, in) -> (N, r*k)
     if len(slices) == 1:
         o0, o1 = slices[0]
