@@ -1,5 +1,5 @@
-"""lorakit.cpu_kernels: the decode kernel ``lora_add_`` against a float64 reference, its refusals, and
-its use by the layers' no-grad path."""
+"""lorakit.cpu_kernels: the decode kernels ``linear_rows`` and ``lora_add_`` and training's skinny
+products against float64 references, their refusals, and their use by the layers."""
 
 from __future__ import annotations
 
@@ -94,16 +94,25 @@ def test_lora_add_takes_parameters_without_grad_mode(mode: Any) -> None:
 
 
 class _Spy:
-    """Wraps the extension and counts ``lora_add_`` calls."""
+    """Wraps the extension; counts each kernel's calls and the calls it handled (True or a tensor)."""
 
     def __init__(self, ext: Any) -> None:
-        self.ext, self.calls, self.handled = ext, 0, 0
+        self.ext = ext
+        self.calls: dict[str, int] = {}
+        self.handled: dict[str, int] = {}
 
-    def lora_add_(self, *args: Any) -> bool:
-        self.calls += 1
-        done = self.ext.lora_add_(*args)
-        self.handled += done
-        return done
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.ext, name)
+
+        def counted(*args: Any) -> Any:
+            out = fn(*args)
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.handled[name] = self.handled.get(name, 0) + (out is not None and out is not False)
+            return out
+        return counted
+
+    def total(self) -> int:
+        return sum(self.calls.values())
 
 
 @needs_kernel
@@ -113,7 +122,7 @@ def test_decode_rows_use_the_kernel_and_match_without_it(monkeypatch: pytest.Mon
     fifo = kind.endswith("fifo")
     if kind.startswith("merged"):  # GPT-2's c_attn: q and v adapted, k not
         layer: nn.Module = lorakit.MergedLinear(48, 3 * 80, r=8, lora_alpha=16, enable_lora=[True, False, True],
-                                                fan_in_fan_out=fifo, merge_weights=False)
+                                                fan_in_fan_out=fifo, merge_weights=False, bias=True)
     else:
         layer = lorakit.Linear(48, 80, r=8, lora_alpha=16, fan_in_fan_out=fifo, merge_weights=False)
     nn.init.normal_(layer.lora_B)
@@ -123,12 +132,128 @@ def test_decode_rows_use_the_kernel_and_match_without_it(monkeypatch: pytest.Mon
     xs = [torch.randn(1, 1, 48), torch.randn(FU.KERNEL_ROWS, 48), torch.randn(FU.KERNEL_ROWS + 1, 48)]
     with torch.no_grad():
         got = [layer(x) for x in xs]
-    per_call = 2 if kind.startswith("merged") else 1  # one call per adapted slice
-    assert spy.calls == spy.handled == 2 * per_call  # the first two inputs: at most KERNEL_ROWS rows
+    # the first two inputs have at most KERNEL_ROWS rows: the whole layer in one call, or for a
+    # fused qkv the base in one call and one low-rank call per adapted slice
+    assert spy.handled.get("linear_rows") == spy.calls.get("linear_rows") == 2
+    lora_calls = 4 if kind.startswith("merged") else 0
+    assert spy.handled.get("lora_add_", 0) == spy.calls.get("lora_add_", 0) == lora_calls
     monkeypatch.setitem(CK._state, "ext", None)  # the ATen path
     with torch.no_grad():
         for x, y in zip(xs, got, strict=True):
             torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fifo", [False, True])
+def test_merged_layer_decodes_through_the_kernel_and_disabled_is_the_base(monkeypatch: pytest.MonkeyPatch,
+                                                                          fifo: bool) -> None:
+    """A merged layer decodes with the kernel (never slower than unmerged); with adapters disabled
+    the layer is bit for bit the base ``F.linear``, kernel or not."""
+    torch.manual_seed(1)
+    layer = lorakit.Linear(40, 24, r=4, lora_alpha=8, fan_in_fan_out=fifo, merge_weights=False)
+    nn.init.normal_(layer.lora_B)
+    layer.eval()
+    x = torch.randn(2, 40)
+    w0 = layer.weight.detach().clone()
+    w0 = w0.T if fifo else w0
+    with torch.no_grad():
+        unmerged = layer(x)
+        lorakit.merge(layer)
+        spy = _Spy(CK.extension())
+        monkeypatch.setitem(CK._state, "ext", spy)
+        merged = layer(x)
+        assert spy.handled == {"linear_rows": 1}
+        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+        expect = torch.nn.functional.linear(x.double(), layer.weight.double().T if fifo else layer.weight.double(),
+                                            layer.bias.double())
+        torch.testing.assert_close(merged.double(), expect, rtol=1e-5, atol=1e-5)
+        lorakit.unmerge(layer)
+        with lorakit.disable_adapters(layer):
+            base = layer(x)
+        assert torch.equal(base, torch.nn.functional.linear(x, w0, layer.bias))
+        assert spy.handled == {"linear_rows": 1}  # the disabled call used no kernel
+        with FU.disabled():  # lorakit.fused.disabled() turns the kernel off for merged layers too
+            lorakit.merge(layer)
+            layer(x)
+            assert spy.total() == 1
+
+
+def _linear_reference(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor | None,
+                      B: torch.Tensor | None, s: float) -> torch.Tensor:
+    out = x.double() @ W.double().T
+    if b is not None:
+        out = out + b.double()
+    if A is not None and B is not None:
+        out = out + s * (x.double() @ A.double().T) @ B.double().T
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,o,r,bias,fifo,threads", [
+    (1, 576, 1536, 16, False, False, 1), (1, 1536, 576, 16, True, False, 2), (4, 576, 192, 8, True, False, 2),
+    (3, 37, 13, 5, True, False, 1), (2, 9, 100, 0, False, False, 1), (16, 20, 11, 3, True, False, 2),
+    (1, 768, 2304, 8, True, True, 1), (4, 768, 2304, 8, True, True, 2), (3, 37, 13, 5, False, True, 2),
+    (1, 7, 5, 0, True, True, 1), (2, 3072, 768, 4, True, True, 2)])
+def test_linear_rows_matches_float64(n: int, k: int, o: int, r: int, bias: bool, fifo: bool, threads: int) -> None:
+    """Every row-block and column tail, both weight layouts (fan_in_fan_out: the transpose of a
+    contiguous (in, out) weight), with and without the low-rank update, one and two threads."""
+    g = torch.Generator().manual_seed(n * 7 + k + o + r)
+    x = torch.randn(n, 1, k, generator=g)
+    W = torch.randn(k, o, generator=g).T if fifo else torch.randn(o, k, generator=g)
+    b = torch.randn(o, generator=g) if bias else None
+    A = torch.randn(r, k, generator=g) if r else None
+    B = torch.randn(o, r, generator=g) if r else None
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = CK.extension().linear_rows(x, W, b, A, B, 0.6)
+    finally:
+        torch.set_num_threads(old)
+    expect = _linear_reference(x, W, b, A, B, 0.6)
+    assert out is not None and out.shape == (n, 1, o) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=2e-6 * expect.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["float64", "bf16", "strided-x", "grad-W", "strided-W", "bias-size",
+                                  "bias-dtype", "A-without-B", "rank-mismatch", "in-mismatch", "rows", "no-rows"])
+def test_linear_rows_refuses(case: str) -> None:
+    x, W, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
+    A, B = torch.randn(4, 16), torch.randn(8, 4)
+    if case == "float64":
+        x, W, b, A, B = x.double(), W.double(), b.double(), A.double(), B.double()
+    elif case == "bf16":
+        x, W = x.bfloat16(), W.bfloat16()
+    elif case == "strided-x":
+        x = torch.randn(16, 2).T
+    elif case == "grad-W":  # with grad mode on: autograd must see the computation
+        W.requires_grad_(True)
+    elif case == "strided-W":  # neither (out, in) rows nor the transpose of contiguous (in, out)
+        W = torch.randn(8, 32)[:, ::2]
+    elif case == "bias-size":
+        b = torch.randn(9)
+    elif case == "bias-dtype":
+        b = b.double()
+    elif case == "A-without-B":
+        B = None
+    elif case == "rank-mismatch":
+        B = torch.randn(8, 3)
+    elif case == "in-mismatch":
+        W = torch.randn(8, 17)
+    elif case == "rows":
+        x = torch.randn(17, 16)
+    else:
+        x = torch.randn(0, 16)
+    assert CK.extension().linear_rows(x, W, b, A, B, 1.0) is None
+
+
+@needs_kernel
+def test_linear_rows_takes_a_row_strided_weight() -> None:
+    """Rows of W with a gap between them (a view of every other row) are read in place."""
+    x, W, b = torch.randn(3, 16), torch.randn(16, 16)[::2], torch.randn(8)
+    out = CK.extension().linear_rows(x, W, b, None, None, 0.0)
+    assert out is not None
+    torch.testing.assert_close(out.double(), _linear_reference(x, W, b, None, None, 0.0), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -137,7 +262,7 @@ def test_training_and_autograd_never_use_the_kernel(monkeypatch: pytest.MonkeyPa
     spy = _Spy(CK.extension())
     monkeypatch.setitem(CK._state, "ext", spy)
     layer(torch.randn(1, 16)).sum().backward()  # A and B require grad: the autograd Function
-    assert spy.calls == 0 and layer.lora_A.grad is not None
+    assert spy.total() == 0 and layer.lora_A.grad is not None
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,30 +355,10 @@ def test_fused_gradients_with_skinny_kernels(monkeypatch: pytest.MonkeyPatch, p:
         out.backward(g)
         return [out.detach(), xi.grad, layer.lora_A.grad, layer.lora_B.grad]
 
-    spy = _Spy2(CK.extension())
+    spy = _Spy(CK.extension())
     monkeypatch.setitem(CK._state, "ext", spy)
     with_kernels = step(0)
-    assert spy.handled > 0
+    assert spy.handled.get("rows_mm_t", 0) > 0 and spy.handled.get("rows_t_mm", 0) > 0
     in_aten = step(float("inf"))
     for a, b in zip(with_kernels, in_aten, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
-
-
-class _Spy2:
-    """Counts the skinny kernels' handled calls; everything else passes through."""
-
-    def __init__(self, ext: Any) -> None:
-        self.ext, self.handled = ext, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.ext, name)
-
-    def rows_mm_t(self, *args: Any) -> Any:
-        out = self.ext.rows_mm_t(*args)
-        self.handled += out is not None
-        return out
-
-    def rows_t_mm(self, *args: Any) -> Any:
-        out = self.ext.rows_t_mm(*args)
-        self.handled += out is not None
-        return out

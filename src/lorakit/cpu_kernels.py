@@ -85,9 +85,10 @@ static inline __m256 hsum8(const __m256* a) {  // lane u = the sum of a[u]'s eig
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 #endif
-// y[i] = alpha * (M[i, :] . v) (+ y[i] when accumulate); M (rows, cols) row-major
+// y[i] = alpha * (M[i, :] . v) (+ y[i] when accumulate); M (rows, cols) row-major, row stride ld (default cols)
 static void matvec(const float* M, int64_t rows, int64_t cols, const float* v, float* y, float alpha,
-                   bool accumulate) {
+                   bool accumulate, int64_t ld = -1) {
+  if (ld < 0) ld = cols;
   int64_t i = 0;
 #ifdef __AVX2__
   const int64_t c8 = cols & ~int64_t(7);
@@ -96,52 +97,143 @@ static void matvec(const float* M, int64_t rows, int64_t cols, const float* v, f
     for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
     for (int64_t c = 0; c < c8; c += 8) {
       const __m256 vc = _mm256_loadu_ps(v + c);
-      for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(M + (i + u) * cols + c), vc, a[u]);
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(M + (i + u) * ld + c), vc, a[u]);
     }
     alignas(32) float s[8];
     _mm256_store_ps(s, hsum8(a));
     for (int u = 0; u < 8; ++u) {
       float t = s[u];
-      for (int64_t c = c8; c < cols; ++c) t += M[(i + u) * cols + c] * v[c];
+      for (int64_t c = c8; c < cols; ++c) t += M[(i + u) * ld + c] * v[c];
       y[i + u] = accumulate ? y[i + u] + alpha * t : alpha * t;
     }
   }
 #endif
   for (; i < rows; ++i) {
-    const float* m = M + i * cols;
+    const float* m = M + i * ld;
     float t = 0.f;
 #pragma omp simd reduction(+:t)
     for (int64_t c = 0; c < cols; ++c) t += m[c] * v[c];
     y[i] = accumulate ? y[i] + alpha * t : alpha * t;
   }
 }
+// out (n rows, stride ldo) += s (x (n, k) A^T (k, r)) B^T (r, o), A and B contiguous float32
+static void low_rank_add(float* op, int64_t ldo, const float* xp, int64_t n, int64_t k, const float* ap,
+                         const float* bp, int64_t r, int64_t o, float s) {
+  const int64_t grain = std::max<int64_t>(1, 262144 / ((k + o) * r));  // rows per thread: >= ~256k FMAs
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    float t[1024];
+    for (int64_t i = begin; i < end; ++i) {
+      matvec(ap, r, k, xp + i * k, t, s, false);      // t = s A x_i
+      matvec(bp, o, r, t, op + i * ldo, 1.f, true);   // out_i += B t
+    }
+  });
+}
+// A and B of a low-rank update for in-features k: 2-d float32 CPU, contiguous, B's columns = A's rows
+static bool low_rank_ok(const torch::Tensor& A, const torch::Tensor& B, int64_t k, int64_t o) {
+  if (A.dim() != 2 || B.dim() != 2) return false;
+  for (const auto& t : {A, B})
+    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || recorded(t) || !t.is_contiguous()) return false;
+  return A.size(0) >= 1 && A.size(0) <= 1024 && A.size(1) == k && B.size(1) == A.size(0) && B.size(0) == o;
+}
 // out (n, o) += s (x (n, k) A^T (k, r)) B^T (r, o); float32, contiguous (out: or a 2-d column slice),
 // not recorded by autograd.
 // False: not handled, nothing written.
 bool lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor A, torch::Tensor B, double s) {
   if (A.dim() != 2 || B.dim() != 2) return false;
-  const int64_t r = A.size(0), k = A.size(1), o = B.size(0);
-  for (const auto& t : {out, x, A, B})
+  const int64_t k = A.size(1), o = B.size(0);
+  for (const auto& t : {out, x})
     if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || recorded(t)) return false;
-  for (const auto& t : {x, A, B}) if (!t.is_contiguous()) return false;
+  if (!x.is_contiguous() || !low_rank_ok(A, B, k, o)) return false;
   if (!out.is_contiguous() && !(out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= out.size(1))) return false;
-  if (r < 1 || r > 1024 || k < 1 || B.size(1) != r || x.dim() < 1 || out.dim() < 1 || x.size(-1) != k ||
-      out.size(-1) != o || x.numel() / k != out.numel() / std::max<int64_t>(o, 1)) return false;
-  const int64_t n = x.numel() / k;
+  if (k < 1 || x.dim() < 1 || out.dim() < 1 || x.size(-1) != k || out.size(-1) != o ||
+      x.numel() / k != out.numel() / std::max<int64_t>(o, 1)) return false;
   const int64_t ldo = out.dim() == 2 ? out.stride(0) : o;  // a 2-d out may be a column slice
-  const float* xp = x.data_ptr<float>();
-  const float* ap = A.data_ptr<float>();
-  const float* bp = B.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 262144 / ((k + o) * r));  // rows per thread: >= ~256k FMAs
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    float t[1024];
-    for (int64_t i = begin; i < end; ++i) {
-      matvec(ap, r, k, xp + i * k, t, (float)s, false);   // t = s A x_i
-      matvec(bp, o, r, t, op + i * ldo, 1.f, true);       // out_i += B t
-    }
-  });
+  low_rank_add(out.data_ptr<float>(), ldo, x.data_ptr<float>(), x.numel() / k, k, A.data_ptr<float>(),
+               B.data_ptr<float>(), A.size(0), o, (float)s);
   return true;
+}
+
+// ---- a whole linear layer for a few rows (decoding) --------------------------------------------
+// y_j (+)= sum_{i in [i0, i1)} x_j[i] Wt[i, :] for j < n: W stored (k, o) with row stride ldw (GPT-2's
+// fan_in_fan_out layout), streamed row by row once for all n rows; y (n, o) is first set to b (or 0)
+static void axpy_rows(const float* Wt, int64_t ldw, int64_t i0, int64_t i1, const float* xp, int64_t k, int64_t n,
+                      const float* b, float* yp, int64_t o) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < o; ++c) yp[j * o + c] = b ? b[c] : 0.f;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* w = Wt + i * ldw;
+    for (int64_t j = 0; j < n; ++j) {
+      const float xi = xp[j * k + i];
+      float* y = yp + j * o;
+      int64_t c = 0;
+#ifdef __AVX2__
+      const __m256 xb = _mm256_set1_ps(xi);
+      for (; c + 8 <= o; c += 8)
+        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + c), _mm256_loadu_ps(y + c)));
+#endif
+      for (; c < o; ++c) y[c] += xi * w[c];
+    }
+  }
+}
+// x (..., k) W^T + b + s (x A^T) B^T for a few float32 rows in one call: W (o, k) contiguous, or the
+// transpose of a contiguous (k, o) weight (fan_in_fan_out); A/B undefined: the base linear only.
+// The batch-1 matrix-vector product streams W once at close to memory bandwidth (MKL's GEMM entry
+// is ~25% slower there, cold weights, one thread). None: not handled.
+c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias,
+                                         c10::optional<torch::Tensor> A, c10::optional<torch::Tensor> B, double s) {
+  for (const auto& t : {x, W})
+    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || recorded(t)) return c10::nullopt;
+  if (W.dim() != 2 || x.dim() < 1 || !x.is_contiguous()) return c10::nullopt;
+  const int64_t o = W.size(0), k = W.size(1);
+  if (o < 1 || k < 1 || x.size(-1) != k) return c10::nullopt;
+  const int64_t n = x.numel() / k;
+  if (n < 1 || n > 16) return c10::nullopt;
+  const bool rowmajor = W.stride(1) == 1 && W.stride(0) >= k;       // (o, k)
+  const bool transposed = !rowmajor && W.stride(0) == 1 && W.stride(1) >= o;  // (k, o) storage
+  if (!rowmajor && !transposed) return c10::nullopt;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    const auto& b = *bias;
+    if (!b.device().is_cpu() || b.scalar_type() != at::kFloat || recorded(b) || b.dim() != 1 || b.size(0) != o ||
+        !b.is_contiguous()) return c10::nullopt;
+    bp = b.data_ptr<float>();
+  }
+  const bool lora = A.has_value() && A->defined();
+  if (lora != (B.has_value() && B->defined())) return c10::nullopt;
+  if (lora && !low_rank_ok(*A, *B, k, o)) return c10::nullopt;
+  auto sizes = x.sizes().vec();
+  sizes.back() = o;
+  auto out = torch::empty(sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = W.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (transposed) {
+    // contiguous row ranges of the stored (k, o) weight per thread, partial sums added at the end
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k * o * n / 65536));
+    if (parts == 1) {
+      axpy_rows(wp, W.stride(1), 0, k, xp, k, n, bp, op, o);
+    } else {
+      std::vector<float> part((size_t)(parts - 1) * n * o);
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p)
+          axpy_rows(wp, W.stride(1), k * p / parts, k * (p + 1) / parts, xp, k, n, p ? nullptr : bp,
+                    p ? part.data() + (p - 1) * n * o : op, o);
+      });
+      for (int64_t p = 1; p < parts; ++p)
+        for (int64_t c = 0; c < n * o; ++c) op[c] += part[(p - 1) * n * o + c];
+    }
+  } else {
+    const int64_t blocks = (o + 7) / 8;  // eight outputs per task unit, >= ~64k FMAs per task
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (8 * k * n)), [&](int64_t b0, int64_t b1) {
+      const int64_t c0 = b0 * 8, c1 = std::min(o, b1 * 8);
+      for (int64_t j = 0; j < n; ++j) {  // the task's rows of W stay in cache for the next x row
+        matvec(wp + c0 * W.stride(0), c1 - c0, k, xp + j * k, op + j * o + c0, 1.f, false, W.stride(0));
+        if (bp) for (int64_t c = c0; c < c1; ++c) op[j * o + c] += bp[c];
+      }
+    });
+  }
+  if (lora) low_rank_add(op, o, xp, n, k, A->data_ptr<float>(), B->data_ptr<float>(), A->size(0), o, (float)s);
+  return out;
 }
 
 // ---- training's skinny products (rank r much smaller than the widths), float32 ----------------
@@ -271,5 +363,5 @@ def _build() -> Any:
     name = "lorakit_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:12]
     if not any(Path(get_default_build_root()).glob(f"*/{name}/{name}*.so")):  # torch's cache: no build needed
         sys.stderr.write("lorakit: building the CPU kernels (first use on this machine, about a minute)\n")
-    return load_inline(name, cpp_sources=[_SOURCE], functions=["apply_mask", "lora_add_", "rows_mm_t", "rows_t_mm"],
+    return load_inline(name, cpp_sources=[_SOURCE], functions=["apply_mask", "lora_add_", "linear_rows", "rows_mm_t", "rows_t_mm"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

@@ -30,8 +30,9 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
   (:data:`SKINNY_MIN_ELEMENTS`, float32 CPU): MKL runs these skinny shapes at a third of memory
   bandwidth there.
 * Without autograd (inference) nothing is saved and no Function runs. For token-by-token decoding
-  (≤ :data:`KERNEL_ROWS` rows, CPU, float32) the low-rank update is one call of the C++
-  ``lora_add_`` (:mod:`lorakit.cpu_kernels`) after the base GEMV, instead of three BLAS calls and an add.
+  (≤ :data:`KERNEL_ROWS` rows, CPU, float32) the whole layer, base GEMV and low-rank update, is one
+  call of the C++ ``linear_rows`` (:mod:`lorakit.cpu_kernels`) instead of four BLAS calls and an
+  add; merged layers decode through the same kernel (:func:`merged_linear`).
 
 When the fused path is used (:func:`fused_eligible`): the layer is active, ``lorakit.fused`` is
 enabled (:func:`set_enabled`, :func:`disabled`) and the layer's ``lora_fused`` attribute is not
@@ -432,8 +433,11 @@ def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     n = x.numel() // in_f if in_f else 0
     ext = _cpu_ext(x) if n <= KERNEL_ROWS else None
     if ext is not None:
-        # decoding: the base GEMV, then one C++ call for s (x A^T) B^T (three BLAS calls and an add
-        # otherwise; with A and B cold in cache after the base weights, their dispatch was the cost)
+        # decoding: the whole layer in one C++ call (base GEMV and s (x A^T) B^T); where it does not
+        # take these tensors, the base GEMV and the low-rank kernel, else four ATen calls
+        out = ext.linear_rows(x, weight, bias, A, B, scaling)
+        if out is not None:
+            return out
         out = F.linear(x, weight, bias)
         if ext.lora_add_(out, x, A, B, scaling):
             return out
@@ -517,8 +521,8 @@ def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
     if fold_pays(x2.shape[0], w.shape[1], w.shape[0]):
         out2 = F.linear(x2, folded_weight(w, A, B * scaling, slices), bias)
         return out2.view(*x.shape[:-1], out2.shape[-1])
-    out2 = F.linear(x2, w, bias)  # (N, in) -> (N, out)
-    ext = _cpu_ext(x2) if x2.shape[0] <= KERNEL_ROWS else None  # decoding: one C++ call per slice
+    ext = _cpu_ext(x2) if x2.shape[0] <= KERNEL_ROWS else None  # decoding: C++ base, one call per slice
+    out2 = _base_rows(ext, x2, w, bias)  # (N, in) -> (N, out)
     if ext is not None and _kernel_slices(ext, out2, x2, A, B, scaling, slices):
         return out2.view(*x.shape[:-1], out2.shape[-1])
     t = F.linear(x2, A)  # (N, in) -> (N, r*k)
@@ -533,6 +537,27 @@ def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
             out2[:, o0:o1].addmm_(t[:, j * r:(j + 1) * r], Bj, alpha=scaling)
             row += o1 - o0
     return out2.view(*x.shape[:-1], out2.shape[-1])
+
+
+def _base_rows(ext: Any | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)``, by the C++ decode kernel where ``ext`` is given and takes the tensors."""
+    if ext is not None:
+        out = ext.linear_rows(x, weight, bias, None, None, 0.0)
+        if out is not None:
+            return out
+    return F.linear(x, weight, bias)
+
+
+def merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A merged layer's ``F.linear(x, weight, bias)``: token-by-token decoding (no autograd, float32
+    CPU, ≤ :data:`KERNEL_ROWS` rows, no autocast) runs the C++ decode kernel, as the unmerged
+    layer does, so merging never makes decoding slower; everything else is ``F.linear``."""
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or not _state["enabled"] or not x.dim():
+        return F.linear(x, weight, bias)
+    in_f = x.shape[-1]
+    if not in_f or x.numel() > KERNEL_ROWS * in_f or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, weight, bias)
+    return _base_rows(_cpu_ext(x), x, weight, bias)
 
 
 def _kernel_slices(ext: Any, out2: Tensor, x2: Tensor, A: Tensor, B: Tensor, scaling: float,

@@ -303,7 +303,10 @@ class _LinearLoraMixin(LoraLayer):
         weight = params["weight"] if "weight" in params else self.weight
         bias = params["bias"] if "bias" in params else self.bias
         if A is None or d["merged"] or d["lora_disabled"] or d["r"] <= 0:
-            return F.linear(x, weight.transpose(0, 1) if d["fan_in_fan_out"] else weight, bias)
+            w = weight.transpose(0, 1) if d["fan_in_fan_out"] else weight
+            if d["merged"] and not d["lora_disabled"] and self.lora_fused:  # decoding: the C++ kernel
+                return FU.merged_linear(x, w, bias)
+            return F.linear(x, w, bias)  # no adapter or disabled: exactly the base layer
         if self.lora_fused:
             out = FU.linear_forward(x, weight, bias, A, B, d["scaling"], d["_modules"]["lora_dropout"],
                                     d["fan_in_fan_out"], self._lora_slices)
