@@ -207,6 +207,13 @@ c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::
   const float* xp = x.data_ptr<float>();
   const float* wp = W.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // t (n, r) = s x A^T first (small), then each task adds its outputs' share B t after the base
+  const int64_t r = lora ? A->size(0) : 0;
+  std::vector<float> t((size_t)(n * r));
+  for (int64_t j = 0; j < n && lora; ++j) matvec(A->data_ptr<float>(), r, k, xp + j * k, t.data() + j * r, (float)s, false);
+  const float* bm = lora ? B->data_ptr<float>() : nullptr;
+  const int64_t blocks = (o + 7) / 8;  // eight outputs per task unit, >= ~64k FMAs per task
+  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * (k + r) * n));
   if (transposed) {
     // contiguous row ranges of the stored (k, o) weight per thread, partial sums added at the end
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k * o * n / 65536));
@@ -222,17 +229,22 @@ c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::
       for (int64_t p = 1; p < parts; ++p)
         for (int64_t c = 0; c < n * o; ++c) op[c] += part[(p - 1) * n * o + c];
     }
+    if (lora)
+      at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (8 * r * n)), [&](int64_t b0, int64_t b1) {
+        const int64_t c0 = b0 * 8, c1 = std::min(o, b1 * 8);
+        for (int64_t j = 0; j < n; ++j) matvec(bm + c0 * r, c1 - c0, r, t.data() + j * r, op + j * o + c0, 1.f, true);
+      });
   } else {
-    const int64_t blocks = (o + 7) / 8;  // eight outputs per task unit, >= ~64k FMAs per task
-    at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (8 * k * n)), [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * 8, c1 = std::min(o, b1 * 8);
       for (int64_t j = 0; j < n; ++j) {  // the task's rows of W stay in cache for the next x row
-        matvec(wp + c0 * W.stride(0), c1 - c0, k, xp + j * k, op + j * o + c0, 1.f, false, W.stride(0));
+        float* y = op + j * o + c0;
+        matvec(wp + c0 * W.stride(0), c1 - c0, k, xp + j * k, y, 1.f, false, W.stride(0));
         if (bp) for (int64_t c = c0; c < c1; ++c) op[j * o + c] += bp[c];
+        if (lora) matvec(bm + c0 * r, c1 - c0, r, t.data() + j * r, y, 1.f, true);
       }
     });
   }
-  if (lora) low_rank_add(op, o, xp, n, k, A->data_ptr<float>(), B->data_ptr<float>(), A->size(0), o, (float)s);
   return out;
 }
 
