@@ -88,6 +88,15 @@ def _cold(ext: Any, rows: list[int], r: int, smoke: bool) -> None:
         "unmerged linear_rows": lambda x, W, A, B: ext.linear_rows(x, W, None, A, B, s),
     }
     names = list(variants)
+    with torch.inference_mode():  # every variant computes the layer (a refused kernel call would time nothing)
+        W, A, B = weights[0]
+        x = torch.randn(2, W.shape[1], generator=g)
+        expect = {"base F.linear": F.linear(x, W), "merged (kernel)": F.linear(x, W)}
+        for name in names:
+            got = variants[name](x, W, A, B)
+            want = expect.get(name, F.linear(x, W) + s * F.linear(F.linear(x, A), B))
+            if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                raise SystemExit(f"micro_decode --cold: variant {name!r} did not compute the layer")
     print(f"### one pass over {n_layers} layers x 7 SmolLM2 projections, r={r}, weights from DRAM, "
           f"{torch.get_num_threads()} thread(s), median ms of {reps}\n")
     print("| rows | " + " | ".join(names) + " | unmerged kernel ÷ base | ÷ merged |")

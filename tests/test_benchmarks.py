@@ -34,6 +34,7 @@ SCRIPTS = [
                                           "lorakit-disabled,lorakit-unmerged,base-copy"], 3),
     ("benchmarks.micro_fused", ["--threads", "1"], 4),
     ("benchmarks.micro_decode", ["--threads", "1", "--rows", "1,4"], 8),
+    ("benchmarks.micro_decode", ["--cold", "--threads", "1", "--rows", "1,4"], 3),
     ("benchmarks.profile_step", ["--model", "minilm"], 7),
     ("benchmarks.multi_adapter", ["--threads", "1"], 12),
     # the GPU suite's precision on the CPU (bf16 weights, bf16 autocast): benchmarks/run_gpu.sh
