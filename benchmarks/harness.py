@@ -128,21 +128,31 @@ def setup_torch(threads: int | None = None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def interleave(steps: dict[str, Callable[[], Any]], reps: int, warmup: int, wall: bool = False) -> dict[str, float]:
+def interleave(steps: dict[str, Callable[[], Any]], reps: int, warmup: int, wall: bool = False,
+               before: dict[str, Callable[[], Any]] | None = None) -> dict[str, float]:
     """Median ms per step of each callable, run in turn rep by rep in this process (a loaded machine
-    slows them alike), the order rotated each rep; CPU time of the process unless ``wall``."""
+    slows them alike), the order rotated each rep; CPU time of the process unless ``wall``.
+    ``before[name]``, where given, runs untimed before each of that step's runs (e.g. merging a
+    model that another variant runs unmerged)."""
     clock = time.perf_counter if wall else time.process_time
+    before = before or {}
     for _ in range(warmup):
-        for f in steps.values():
+        for n, f in steps.items():
+            before.get(n, _nothing)()
             f()
     times: dict[str, list[float]] = {n: [] for n in steps}
     order = list(steps)
     for i in range(reps):  # rotated each rep: no variant always runs first (measured: ~5 % apart)
         for n in order[i % len(order):] + order[:i % len(order)]:
+            before.get(n, _nothing)()
             t0 = clock()
             steps[n]()
             times[n].append((clock() - t0) * 1e3)
     return {n: statistics.median(v) for n, v in times.items()}
+
+
+def _nothing() -> None:
+    pass
 
 
 def ratio_table(med: dict[str, float], digits: int = 0) -> str:

@@ -5,6 +5,7 @@
     python -m benchmarks.interleaved_inference --variants base,lorakit-unmerged,peft-unmerged --batch 16
     python -m benchmarks.interleaved_inference --variants base-copy,lorakit-unmerged,lorakit-merged,base
     python -m benchmarks.interleaved_inference --variants lorakit-disabled,lorakit-unmerged,base
+    python -m benchmarks.interleaved_inference --variants base,lorakit-disabled,lorakit-unmerged,lorakit-merged-same
 
 The same workloads as :mod:`benchmarks.bench_inference`, but every variant's model lives in this
 process and the calls alternate (base, lorakit-unmerged, lorakit-merged, base, ...), timed by this
@@ -14,7 +15,9 @@ processes does not enter the ratios. ``--batch`` sets the generation batch (defa
 every adapted variant's (the loaded model's memory can be slower or faster than a copy's).
 ``lorakit-disabled`` is the ``lorakit-unmerged`` model itself run under
 ``lorakit.disable_adapters``: the base's arithmetic on the very same weight memory, so its ratio to
-``lorakit-unmerged`` is the adapter's cost with memory placement taken out.
+``lorakit-unmerged`` is the adapter's cost with memory placement taken out. ``lorakit-merged-same``
+is that model merged in place before each of its runs (and unmerged before the others'; neither
+timed): merged against unmerged on the same base weights.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ import lorakit
 from benchmarks.bench_inference import _randomize_b
 from benchmarks.harness import interleave, ratio_table, setup_torch
 from benchmarks.models import load
+
+#: variants that run the ``lorakit-unmerged`` model itself (its weight memory, not a copy's), set up
+#: untimed before each run: its adapters disabled per call, or merged in place
+SAME_MEMORY = ("lorakit-disabled", "lorakit-merged-same")
 
 
 def _variant(base: nn.Module, name: str, r: int) -> nn.Module:
@@ -67,9 +74,15 @@ def main() -> None:
     base = load(args.model, args.smoke).eval()
     r = 8 if args.model == "minilm" else 16
     names = args.variants.split(",")
-    models = {n: _variant(base, n, r) for n in names if n != "lorakit-disabled"}
-    if "lorakit-disabled" in names:  # the unmerged model itself, its adapters switched off per call
-        models["lorakit-disabled"] = models.get("lorakit-unmerged") or _variant(base, "lorakit-unmerged", r)
+    models = {n: _variant(base, n, r) for n in names if n not in SAME_MEMORY}
+    before: dict[str, Callable[[], object]] = {}
+    if any(n in SAME_MEMORY for n in names):  # the unmerged model itself: same weight memory
+        shared = models.get("lorakit-unmerged") or _variant(base, "lorakit-unmerged", r)
+        for n in ("lorakit-unmerged", *SAME_MEMORY):
+            if n in names:
+                models[n] = shared
+                before[n] = (lambda: lorakit.merge(shared)) if n == "lorakit-merged-same" else \
+                    (lambda: lorakit.unmerge(shared))
         models = {n: models[n] for n in names}
     if args.model == "minilm":
         batch, seq = (2, 16) if args.smoke else (args.batch or 32, 128)
@@ -98,7 +111,7 @@ def main() -> None:
         steps["lorakit-disabled"] = disabled
     reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
     with torch.inference_mode():
-        med = interleave(steps, reps, warmup, args.wall)
+        med = interleave(steps, reps, warmup, args.wall, before)
     print(f"### {args.model} {what}, all-linear r={r}, interleaved in one process, "
           f"{torch.get_num_threads()} thread(s), {'wall' if args.wall else 'CPU'} time, "
           f"median of {reps} after {warmup} warm-up\n")

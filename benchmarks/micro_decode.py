@@ -22,7 +22,8 @@ import argparse
 import statistics
 import time
 import timeit
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,9 @@ def main() -> None:
     for n in (int(v) for v in args.rows.split(",")):
         for k, o in SHAPES:
             x, A, B, out = torch.randn(n, k), torch.randn(r, k), torch.randn(o, r), torch.randn(n, o)
-            t_k = min(timeit.repeat(lambda: ext.lora_add_(out, x, A, B, s), number=number, repeat=reps))
-            t_a = min(timeit.repeat(lambda: out.add_(F.linear(F.linear(x, A), B), alpha=s),
+            t_k = min(timeit.repeat(lambda out=out, x=x, A=A, B=B: ext.lora_add_(out, x, A, B, s),
+                                    number=number, repeat=reps))
+            t_a = min(timeit.repeat(lambda out=out, x=x, A=A, B=B: out.add_(F.linear(F.linear(x, A), B), alpha=s),
                                     number=number, repeat=reps))
             print(f"| {n} | {k}→{o} | {t_k / number * 1e6:.1f} | {t_a / number * 1e6:.1f} | {t_a / t_k:.2f} |")
 

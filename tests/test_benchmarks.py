@@ -31,7 +31,7 @@ SCRIPTS = [
     ("benchmarks.interleaved_inference", ["--model", "smollm2", "--threads", "1"], 3),
     ("benchmarks.interleaved_inference", ["--model", "minilm", "--threads", "1"], 3),
     ("benchmarks.interleaved_inference", ["--model", "smollm2", "--threads", "1", "--variants",
-                                          "lorakit-disabled,lorakit-unmerged,base-copy"], 3),
+                                          "lorakit-disabled,lorakit-unmerged,base-copy,lorakit-merged-same"], 4),
     ("benchmarks.micro_fused", ["--threads", "1"], 4),
     ("benchmarks.micro_decode", ["--threads", "1", "--rows", "1,4"], 8),
     ("benchmarks.micro_decode", ["--cold", "--threads", "1", "--rows", "1,4"], 3),

@@ -1,11 +1,19 @@
 """lorakit's compiled CPU kernels: one small C++ extension, built on first use and cached.
 
-Two kernels, each replacing a chain of ATen calls whose dispatch or extra passes were the measured
-cost (docs/benchmarks.md):
+Each kernel replaces a chain of ATen calls whose dispatch, extra passes or memory traffic were the
+measured cost (docs/benchmarks.md):
 
 * ``apply_mask(x, seed, threshold, out)``: ``out = x ⊙ keep`` for the fused path's hashed dropout
   mask (:mod:`lorakit.dropout_kernel` defines the hash and its torch-ops reference), one parallel
   pass with no mask tensor; ``out`` may be ``x`` (dropout's backward, in place).
+* ``linear_rows(x, W, b, A, B, s)``: a whole adapted linear layer, ``x Wᵀ + b + s (x Aᵀ) Bᵀ``, for
+  ≤ 16 float32 rows in one call (A and B None: the base layer, a merged layer's forward). W is
+  (out, in) with unit column stride, or the transpose of a contiguous (in, out) weight
+  (``fan_in_fan_out``). Token-by-token decoding streams every weight from DRAM once per token; this
+  AVX2 matrix-vector product reads it at close to bandwidth, where torch's batch-1 ``F.linear``
+  (MKL's GEMM entry) is ~25 % slower on one thread and does not scale to two
+  (``python -m benchmarks.micro_decode --cold``). The low-rank part runs inside each thread's share
+  of the outputs. None (nothing allocated) for inputs it does not take.
 * ``lora_add_(out, x, A, B, s) -> bool``: ``out += s (x Aᵀ) Bᵀ`` for a few float32 rows (``out``
   contiguous or a 2-d column slice: one slice of a fused qkv output), the
   no-grad low-rank update of token-by-token decoding in one call instead of three BLAS calls plus an
@@ -210,7 +218,8 @@ c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::
   // t (n, r) = s x A^T first (small), then each task adds its outputs' share B t after the base
   const int64_t r = lora ? A->size(0) : 0;
   std::vector<float> t((size_t)(n * r));
-  for (int64_t j = 0; j < n && lora; ++j) matvec(A->data_ptr<float>(), r, k, xp + j * k, t.data() + j * r, (float)s, false);
+  for (int64_t j = 0; j < n && lora; ++j)
+    matvec(A->data_ptr<float>(), r, k, xp + j * k, t.data() + j * r, (float)s, false);
   const float* bm = lora ? B->data_ptr<float>() : nullptr;
   const int64_t blocks = (o + 7) / 8;  // eight outputs per task unit, >= ~64k FMAs per task
   const int64_t grain = std::max<int64_t>(1, 65536 / (8 * (k + r) * n));
@@ -338,6 +347,9 @@ c10::optional<torch::Tensor> rows_t_mm(torch::Tensor G, torch::Tensor T) {
 }
 """
 
+#: the extension's functions
+_FUNCTIONS = ("apply_mask", "lora_add_", "linear_rows", "rows_mm_t", "rows_t_mm")
+
 _state: dict[str, Any] = {"ext": None, "tried": False}
 _lock = threading.Lock()
 _log = logging.getLogger("lorakit")
@@ -375,5 +387,5 @@ def _build() -> Any:
     name = "lorakit_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:12]
     if not any(Path(get_default_build_root()).glob(f"*/{name}/{name}*.so")):  # torch's cache: no build needed
         sys.stderr.write("lorakit: building the CPU kernels (first use on this machine, about a minute)\n")
-    return load_inline(name, cpp_sources=[_SOURCE], functions=["apply_mask", "lora_add_", "linear_rows", "rows_mm_t", "rows_t_mm"],
+    return load_inline(name, cpp_sources=[_SOURCE], functions=list(_FUNCTIONS),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

@@ -452,10 +452,11 @@ def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     return out
 
 
-#: Up to this many rows (token-by-token decoding) the no-grad forward on CPU adds the low-rank
-#: update with :mod:`lorakit.cpu_kernels`' ``lora_add_``: on SmolLM2's shapes it is 3-7x faster than
-#: the BLAS calls for one row, 2-3x for four, and mixed (0.6-2.7x) from eight rows
-#: (``python -m benchmarks.micro_decode --threads 1``).
+#: Up to this many rows (token-by-token decoding) the no-grad float32 forward on CPU runs the whole
+#: layer in :mod:`lorakit.cpu_kernels`' ``linear_rows`` (fused qkv: its base, then ``lora_add_`` per
+#: slice). With SmolLM2's weights coming from DRAM the unmerged layer then costs 0.79-0.82x the base
+#: ``F.linear`` for one row and 0.77-0.87x for four, but 1.12x for eight and 1.5x for sixteen, where
+#: MKL's GEMM reuses each weight load across rows (``python -m benchmarks.micro_decode --cold``).
 KERNEL_ROWS = 4
 
 #: Below this many rows the no-grad forward adds ``s (x A^T) B^T`` through a temporary instead of
