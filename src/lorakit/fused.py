@@ -27,8 +27,9 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
   identical mask where the kernel is unavailable).
 * The rank-r products (``x Aᵀ``, ``g Bᵀ``, ``gᵀ (x Aᵀ)``, ``(g B)ᵀ x``) run in
   :mod:`lorakit.cpu_kernels` when their wide operand no longer fits the caches
-  (:data:`SKINNY_MIN_ELEMENTS`, float32 CPU): MKL runs these skinny shapes at a third of memory
-  bandwidth there.
+  (:data:`SKINNY_MIN_ELEMENTS`, float32 CPU; the weight-gradient products ``Gᵀ T`` from the much
+  smaller :data:`GRAD_PRODUCT_MIN_ELEMENTS`): MKL runs these skinny shapes well below memory
+  bandwidth.
 * Without autograd (inference) nothing is saved and no Function runs. For token-by-token decoding
   (≤ :data:`KERNEL_ROWS` rows, CPU, float32) the whole layer, base GEMV and low-rank update, is one
   call of the C++ ``linear_rows`` (:mod:`lorakit.cpu_kernels`) instead of four BLAS calls and an
