@@ -84,6 +84,10 @@ torch::Tensor apply_mask(torch::Tensor x, int64_t seed, int64_t threshold, torch
 
 // a tensor autograd would record an in-place write to (such writes would escape it)
 static inline bool recorded(const torch::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
+// what every float32 kernel below takes: a CPU float32 tensor autograd does not record
+static inline bool f32_cpu(const torch::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && !recorded(t);
+}
 
 // ---- low-rank update for a few rows (decoding) ------------------------------------------------
 #ifdef __AVX2__
@@ -140,7 +144,7 @@ static void low_rank_add(float* op, int64_t ldo, const float* xp, int64_t n, int
 static bool low_rank_ok(const torch::Tensor& A, const torch::Tensor& B, int64_t k, int64_t o) {
   if (A.dim() != 2 || B.dim() != 2) return false;
   for (const auto& t : {A, B})
-    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || recorded(t) || !t.is_contiguous()) return false;
+    if (!f32_cpu(t) || !t.is_contiguous()) return false;
   return A.size(0) >= 1 && A.size(0) <= 1024 && A.size(1) == k && B.size(1) == A.size(0) && B.size(0) == o;
 }
 // out (n, o) += s (x (n, k) A^T (k, r)) B^T (r, o); float32, contiguous (out: or a 2-d column slice),
@@ -149,9 +153,7 @@ static bool low_rank_ok(const torch::Tensor& A, const torch::Tensor& B, int64_t 
 bool lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor A, torch::Tensor B, double s) {
   if (A.dim() != 2 || B.dim() != 2) return false;
   const int64_t k = A.size(1), o = B.size(0);
-  for (const auto& t : {out, x})
-    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || recorded(t)) return false;
-  if (!x.is_contiguous() || !low_rank_ok(A, B, k, o)) return false;
+  if (!f32_cpu(out) || !f32_cpu(x) || !x.is_contiguous() || !low_rank_ok(A, B, k, o)) return false;
   if (!out.is_contiguous() && !(out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= out.size(1))) return false;
   if (k < 1 || x.dim() < 1 || out.dim() < 1 || x.size(-1) != k || out.size(-1) != o ||
       x.numel() / k != out.numel() / std::max<int64_t>(o, 1)) return false;
@@ -189,9 +191,7 @@ static void axpy_rows(const float* Wt, int64_t ldw, int64_t i0, int64_t i1, cons
 // is ~25% slower there, cold weights, one thread). None: not handled.
 c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias,
                                          c10::optional<torch::Tensor> A, c10::optional<torch::Tensor> B, double s) {
-  for (const auto& t : {x, W})
-    if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || recorded(t)) return c10::nullopt;
-  if (W.dim() != 2 || x.dim() < 1 || !x.is_contiguous()) return c10::nullopt;
+  if (!f32_cpu(x) || !f32_cpu(W) || W.dim() != 2 || x.dim() < 1 || !x.is_contiguous()) return c10::nullopt;
   const int64_t o = W.size(0), k = W.size(1);
   if (o < 1 || k < 1 || x.size(-1) != k) return c10::nullopt;
   const int64_t n = x.numel() / k;
@@ -202,8 +202,7 @@ c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
     const auto& b = *bias;
-    if (!b.device().is_cpu() || b.scalar_type() != at::kFloat || recorded(b) || b.dim() != 1 || b.size(0) != o ||
-        !b.is_contiguous()) return c10::nullopt;
+    if (!f32_cpu(b) || b.dim() != 1 || b.size(0) != o || !b.is_contiguous()) return c10::nullopt;
     bp = b.data_ptr<float>();
   }
   const bool lora = A.has_value() && A->defined();
@@ -221,8 +220,10 @@ c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::
   for (int64_t j = 0; j < n && lora; ++j)
     matvec(A->data_ptr<float>(), r, k, xp + j * k, t.data() + j * r, (float)s, false);
   const float* bm = lora ? B->data_ptr<float>() : nullptr;
+  auto add_bt = [&](int64_t c0, int64_t c1, int64_t j) {  // out_j[c0:c1] += B[c0:c1] t_j
+    matvec(bm + c0 * r, c1 - c0, r, t.data() + j * r, op + j * o + c0, 1.f, true);
+  };
   const int64_t blocks = (o + 7) / 8;  // eight outputs per task unit, >= ~64k FMAs per task
-  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * (k + r) * n));
   if (transposed) {
     // contiguous row ranges of the stored (k, o) weight per thread, partial sums added at the end
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k * o * n / 65536));
@@ -241,16 +242,16 @@ c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::
     if (lora)
       at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (8 * r * n)), [&](int64_t b0, int64_t b1) {
         const int64_t c0 = b0 * 8, c1 = std::min(o, b1 * 8);
-        for (int64_t j = 0; j < n; ++j) matvec(bm + c0 * r, c1 - c0, r, t.data() + j * r, op + j * o + c0, 1.f, true);
+        for (int64_t j = 0; j < n; ++j) add_bt(c0, c1, j);
       });
   } else {
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (8 * (k + r) * n)), [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * 8, c1 = std::min(o, b1 * 8);
       for (int64_t j = 0; j < n; ++j) {  // the task's rows of W stay in cache for the next x row
         float* y = op + j * o + c0;
         matvec(wp + c0 * W.stride(0), c1 - c0, k, xp + j * k, y, 1.f, false, W.stride(0));
         if (bp) for (int64_t c = c0; c < c1; ++c) op[j * o + c] += bp[c];
-        if (lora) matvec(bm + c0 * r, c1 - c0, r, t.data() + j * r, y, 1.f, true);
+        if (lora) add_bt(c0, c1, j);
       }
     });
   }
@@ -259,8 +260,7 @@ c10::optional<torch::Tensor> linear_rows(torch::Tensor x, torch::Tensor W, c10::
 
 // ---- training's skinny products (rank r much smaller than the widths), float32 ----------------
 static bool f32_rows(const torch::Tensor& t) {  // 2-d float32 CPU, unit column stride (rows may be strided)
-  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1 &&
-         t.stride(0) >= t.size(1) && !recorded(t);
+  return f32_cpu(t) && t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= t.size(1);
 }
 // X (N, k) M (r, k)^T -> (N, r), a matrix-vector product per row; None: not handled
 c10::optional<torch::Tensor> rows_mm_t(torch::Tensor X, torch::Tensor M) {
