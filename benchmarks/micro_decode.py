@@ -19,8 +19,6 @@ These set :data:`lorakit.fused.KERNEL_ROWS`.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import timeit
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import setup_torch
+from benchmarks.harness import interleave, setup_torch
 from lorakit import cpu_kernels
 
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))  #: SmolLM2-135M's (in, out) projections
@@ -93,10 +91,11 @@ def _cold(ext: Any, rows: list[int], r: int, smoke: bool) -> None:
     with torch.inference_mode():  # every variant computes the layer (a refused kernel call would time nothing)
         W, A, B = weights[0]
         x = torch.randn(2, W.shape[1], generator=g)
-        expect = {"base F.linear": F.linear(x, W), "merged (kernel)": F.linear(x, W)}
+        base = F.linear(x, W)
+        unmerged = base + s * F.linear(F.linear(x, A), B)
         for name in names:
             got = variants[name](x, W, A, B)
-            want = expect.get(name, F.linear(x, W) + s * F.linear(F.linear(x, A), B))
+            want = base if name in ("base F.linear", "merged (kernel)") else unmerged
             if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
                 raise SystemExit(f"micro_decode --cold: variant {name!r} did not compute the layer")
     print(f"### one pass over {n_layers} layers x 7 SmolLM2 projections, r={r}, weights from DRAM, "
@@ -105,17 +104,14 @@ def _cold(ext: Any, rows: list[int], r: int, smoke: bool) -> None:
     print("|---" * (len(names) + 3) + "|")
     for n in rows:
         xs = {k: torch.randn(n, k, generator=g) for k in (576, 1536)}
-        times: dict[str, list[float]] = {name: [] for name in names}
-        with torch.inference_mode():
-            for rep in range(reps + 1):
-                for name in names[rep % len(names):] + names[:rep % len(names)]:
-                    fn = variants[name]
-                    t0 = time.perf_counter()
-                    for W, A, B in weights:
-                        fn(xs[W.shape[1]], W, A, B)
-                    if rep:  # the first pass warms up
-                        times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+        def one_pass(fn: Callable[..., Any], xs: dict[int, torch.Tensor] = xs) -> Callable[[], None]:
+            def run() -> None:
+                for W, A, B in weights:
+                    fn(xs[W.shape[1]], W, A, B)
+            return run
+        with torch.inference_mode():  # order rotated each rep, one warm-up pass, wall clock
+            med = interleave({name: one_pass(variants[name]) for name in names}, reps, 1, wall=True)
         cells = " | ".join(f"{med[name]:.1f}" for name in names)
         ratio = med["unmerged linear_rows"]
         print(f"| {n} | {cells} | {ratio / med['base F.linear']:.3f} | {ratio / med['merged (kernel)']:.3f} |")
