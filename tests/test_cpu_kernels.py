@@ -348,6 +348,7 @@ def test_fused_gradients_with_skinny_kernels(monkeypatch: pytest.MonkeyPatch, p:
 
     def step(min_elements: float) -> list[torch.Tensor]:
         monkeypatch.setattr(FU, "SKINNY_MIN_ELEMENTS", min_elements)
+        monkeypatch.setattr(FU, "GRAD_PRODUCT_MIN_ELEMENTS", min_elements)
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(5)  # the same dropout seed for both runs
         layer.lora_A.grad = layer.lora_B.grad = None
@@ -362,3 +363,17 @@ def test_fused_gradients_with_skinny_kernels(monkeypatch: pytest.MonkeyPatch, p:
     in_aten = step(float("inf"))
     for a, b in zip(with_kernels, in_aten, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@needs_kernel
+def test_default_thresholds_route_smollm2_grad_products_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the default thresholds a 512-row SmolLM2 projection's weight-gradient products ``Gᵀ T``
+    run in ``rows_t_mm`` (faster than MKL there), while ``X Aᵀ`` (cache-resident) stays in ATen."""
+    spy = _Spy(CK.extension())
+    monkeypatch.setitem(CK._state, "ext", spy)
+    layer = lorakit.Linear(576, 1536, r=16, lora_alpha=32, merge_weights=False)
+    nn.init.normal_(layer.lora_B)
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(4, 128, 576, requires_grad=True)).backward(torch.randn(4, 128, 1536))
+    assert spy.handled.get("rows_t_mm", 0) == 2  # grad B (G = g) and grad A (G = x)
+    assert spy.handled.get("rows_mm_t", 0) == 0

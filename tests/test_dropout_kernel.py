@@ -25,6 +25,21 @@ def test_kernel_equals_torch_ops(n: int, dtype: torch.dtype) -> None:
     assert DK.mask_(g, 123456789, 0.3) is g and torch.equal(g, expect)  # in place
 
 
+@needs_kernel
+@pytest.mark.parametrize("n", [15, 16, 17, 33, 70001])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.999])
+def test_vectorised_kernel_is_bitwise_x_times_keep(n: int, p: float) -> None:
+    """float32 runs 16 elements per AVX2 step (and several threads beyond 32k elements): the result is
+    ``x * keep`` bit for bit, signed zeros, inf * 0 = NaN and the scalar tail included, in place or not."""
+    x = torch.randn(n)
+    x[::7], x[3::11] = float("inf"), -0.0
+    expect = x * DK.keep_mask(n, 0xDEADBEEF, p).float()
+    for got in (DK.masked(x, 0xDEADBEEF, p), DK.mask_(x.clone(), 0xDEADBEEF, p)):
+        assert torch.equal(got.isnan(), expect.isnan())
+        ok = ~expect.isnan()
+        assert torch.equal(got[ok].view(torch.int32), expect[ok].view(torch.int32))
+
+
 def test_mask_statistics_and_seeds() -> None:
     keep = DK.keep_mask(1 << 20, 7, 0.1)
     assert abs(1 - keep.float().mean().item() - 0.1) < 0.002
