@@ -3,8 +3,10 @@
 What it saves over the plain composition in :mod:`lorakit.functional` (the reference path):
 
 * The low-rank update is added into the base output **in place** (``addmm_``) and the scaling
-  ``alpha/r`` (times the dropout keep-scale) is folded into the small ``B`` matrix, so no extra
-  (N, out) tensors are made for ``B A x``, its scaled copy or the sum.
+  ``alpha/r`` (times the dropout keep-scale) is the GEMMs' ``alpha`` or scales an (N, r) product,
+  so no extra (N, out) tensors are made for ``B A x``, its scaled copy or the sum, and no scaled
+  copy of ``B`` (each small op is ~5-25 µs of dispatch: a few per projection are a point of the
+  SmolLM2 step).
 * Without dropout and with many rows (tokens) per weight (:func:`fold_pays`), the update is folded
   into a temporary weight ``W' = W + s B A`` (out*in*r flops): the forward and the input gradient
   are then one GEMM each, with no rank-r pass over the (N, out) output or the (N, in) input grad.
@@ -193,6 +195,18 @@ def _mm_t(X: Tensor, M: Tensor) -> Tensor:
     return F.linear(X, M) if out is None else out
 
 
+def _scaled_mm(G: Tensor, B: Tensor, s: float) -> Tensor:
+    """``s G B``: (N, o) @ (o, r) -> (N, r). The kernel takes ``s Bᵀ`` as a contiguous (r, o);
+    MKL is as fast with B as it is (so no transposed copy, 15-27 µs per call at SmolLM2's widths)."""
+    ext = _skinny_ext(G, SKINNY_MIN_ELEMENTS)
+    if ext is not None:
+        sbt = torch.empty((B.shape[1], B.shape[0]), dtype=B.dtype, device=B.device)
+        out = ext.rows_mm_t(G, torch.mul(B.transpose(0, 1), s, out=sbt))
+        if out is not None:
+            return out
+    return torch.mm(G, B).mul_(s)
+
+
 def _t_mm(G: Tensor, T: Tensor, transposed: bool = False) -> Tensor:
     """``Gᵀ T``: (o, N) @ (N, r) -> (o, r); its transpose ``Tᵀ G`` (r, o) when ``transposed``."""
     ext = _skinny_ext(G, GRAD_PRODUCT_MIN_ELEMENTS)
@@ -246,10 +260,10 @@ class FusedLoraLinear(torch.autograd.Function):
             w = w.transpose(0, 1) if fan_in_fan_out else w  # (out, in)
             s_eff = scaling * (keep_scale(p) if p > 0 else 1.0)
             Ac = _cast(A, cdt)
-            Bs = _cast(B * s_eff, cdt)  # scaling folded into the (rows*k, r) matrix
+            Bc = _cast(B, cdt)  # (rows*k, r); the scaling goes in as the GEMMs' alpha
             fold = group is None and keep is None and fold_pays(x2.shape[0], in_f, w.shape[0])
             if fold:  # no dropout, many rows: one GEMM with W' = W + s B A (out*in*r flops)
-                out = F.linear(x2, folded_weight(w, Ac, Bs, slices), None if bias is None else _cast(bias, cdt))
+                out = F.linear(x2, folded_weight(w, Ac, Bc, slices, s_eff), None if bias is None else _cast(bias, cdt))
                 # t = x A^T is only needed for grad B
                 t = _mm_t(x2, Ac) if ctx.needs_input_grad[4] else None  # (N, in) -> (N, r*k)
             else:
@@ -264,12 +278,16 @@ class FusedLoraLinear(torch.autograd.Function):
                 else:
                     masked = x
                 t = _mm_t(_cast(masked.reshape(-1, in_f), cdt), Ac)  # (N, in) @ (in, r*k) -> (N, r*k)
-                r = A.shape[0] // len(slices)
-                row = 0
-                for j, (o0, o1) in enumerate(slices):
-                    # (N, r) @ (r, rows) -> added in place into out[:, o0:o1]
-                    out[:, o0:o1].addmm_(t[:, j * r:(j + 1) * r], Bs[row:row + o1 - o0].transpose(0, 1))
-                    row += o1 - o0
+                if len(slices) == 1:  # (N, r) @ (r, out), added in place
+                    out.addmm_(t, Bc.transpose(0, 1), alpha=s_eff)
+                else:
+                    r = A.shape[0] // len(slices)
+                    row = 0
+                    for j, (o0, o1) in enumerate(slices):
+                        # (N, r) @ (r, rows) -> added in place into out[:, o0:o1]
+                        out[:, o0:o1].addmm_(t[:, j * r:(j + 1) * r], Bc[row:row + o1 - o0].transpose(0, 1),
+                                             alpha=s_eff)
+                        row += o1 - o0
         dropped = group is not None or keep is not None
         ctx.meta = (scaling, s_eff, slices, fan_in_fan_out, cdt, x.shape, x.dtype, bias is not None, fold,
                     dropped, None if group is None else (group.seed, p))
@@ -297,25 +315,32 @@ class FusedLoraLinear(torch.autograd.Function):
                     mask = _cast(keep, cdt).reshape(-1, in_f)
             r = A.shape[0] // len(slices)
             Ac = _cast(A, cdt)
-            Bs = _cast(B * s_eff, cdt)
-            # (r, rows) row-major transposed is the fast BLAS layout for g @ B (2x faster than (rows, r))
-            BsT = Bs.transpose(0, 1).contiguous()  # (r, rows*k)
-            gB_parts: list[Tensor] = []
-            gt_parts: list[Tensor] = []
-            row = 0
-            for j, (o0, o1) in enumerate(slices):
-                gj = g[:, o0:o1]  # (N, rows)
-                if need_bb:  # (rows, N) @ (N, r) -> (rows, r)
-                    gB_parts.append(_t_mm(gj, t[:, j * r:(j + 1) * r]))
-                if need_a or (need_x and not fold):  # (N, rows) @ (rows, r) -> (N, r), already scaled
-                    gt_parts.append(_mm_t(gj, BsT[:, row:row + o1 - o0]))
-                row += o1 - o0
-            gB = None
-            if gB_parts:
-                gB = (gB_parts[0] if len(gB_parts) == 1 else torch.cat(gB_parts, 0)).mul(s_eff)
-            gt = None
-            if gt_parts:
-                gt = gt_parts[0] if len(gt_parts) == 1 else torch.cat(gt_parts, 1)  # (N, r*k)
+            need_gt = need_a or (need_x and not fold)
+            Bc = _cast(B, cdt)
+            gB: Tensor | None = None
+            gt: Tensor | None = None
+            if len(slices) == 1:
+                if need_bb:  # (out, N) @ (N, r) -> (out, r)
+                    gB = _t_mm(g, t)
+                if need_gt:  # (N, out) @ (out, r) -> (N, r), scaled
+                    gt = _scaled_mm(g, Bc, s_eff)
+            else:
+                gB_parts: list[Tensor] = []
+                gt_parts: list[Tensor] = []
+                row = 0
+                for j, (o0, o1) in enumerate(slices):
+                    gj = g[:, o0:o1]  # (N, rows)
+                    if need_bb:  # (rows, N) @ (N, r) -> (rows, r)
+                        gB_parts.append(_t_mm(gj, t[:, j * r:(j + 1) * r]))
+                    if need_gt:
+                        gt_parts.append(_scaled_mm(gj, Bc[row:row + o1 - o0], s_eff))
+                    row += o1 - o0
+                if gB_parts:
+                    gB = torch.cat(gB_parts, 0)
+                if gt_parts:
+                    gt = torch.cat(gt_parts, 1)  # (N, r*k)
+            if gB is not None:
+                gB = gB.mul_(s_eff)  # a fresh product (or a view of one): scaled in place
             gA = _t_mm(masked, gt, transposed=True) if need_a else None  # (r*k, N) @ (N, in) -> (r*k, in)
             gx = None
             if need_x:
@@ -324,7 +349,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 gx_full = torch.empty(x_shape, dtype=cdt, device=g.device)  # a base tensor, not a view:
                 gx = gx_full.view(-1, in_f)  # autograd can then take it as x.grad without a copy
                 if fold:  # one GEMM with the recomputed W' = W + s B A
-                    torch.mm(g, folded_weight(w, Ac, Bs, slices), out=gx)
+                    torch.mm(g, folded_weight(w, Ac, _cast(B, cdt), slices, s_eff), out=gx)
                 elif not dropped:
                     torch.mm(g, w, out=gx)  # (N, out) @ (out, in) -> (N, in)
                     gx.addmm_(gt, Ac)  # (N, r*k) @ (r*k, in), added in place
