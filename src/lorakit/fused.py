@@ -313,7 +313,6 @@ class FusedLoraLinear(torch.autograd.Function):
                 masked = _cast(masked_in.reshape(-1, in_f), cdt) if masked_in is not None else None
                 if need_x and hashed is None:  # compiled dropout: the saved bool mask
                     mask = _cast(keep, cdt).reshape(-1, in_f)
-            r = A.shape[0] // len(slices)
             Ac = _cast(A, cdt)
             need_gt = need_a or (need_x and not fold)
             Bc = _cast(B, cdt)
@@ -325,6 +324,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 if need_gt:  # (N, out) @ (out, r) -> (N, r), scaled
                     gt = _scaled_mm(g, Bc, s_eff)
             else:
+                r = A.shape[0] // len(slices)
                 gB_parts: list[Tensor] = []
                 gt_parts: list[Tensor] = []
                 row = 0
@@ -349,7 +349,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 gx_full = torch.empty(x_shape, dtype=cdt, device=g.device)  # a base tensor, not a view:
                 gx = gx_full.view(-1, in_f)  # autograd can then take it as x.grad without a copy
                 if fold:  # one GEMM with the recomputed W' = W + s B A
-                    torch.mm(g, folded_weight(w, Ac, _cast(B, cdt), slices, s_eff), out=gx)
+                    torch.mm(g, folded_weight(w, Ac, Bc, slices, s_eff), out=gx)
                 elif not dropped:
                     torch.mm(g, w, out=gx)  # (N, out) @ (out, in) -> (N, in)
                     gx.addmm_(gt, Ac)  # (N, r*k) @ (r*k, in), added in place
