@@ -1,0 +1,221 @@
+"""DoRA (Liu et al. 2024, arXiv:2402.09353): weight-decomposed LoRA, ``use_dora=True``.
+
+::
+
+    W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖        m: one trainable magnitude per output
+                                                  (per embedding dimension for an Embedding)
+
+The norm is taken over everything but the output axis (a Linear's rows in (out, in) layout, all but
+the out-channel axis of a conv kernel, the vocabulary axis of an embedding table), in fp32 and
+detached from the graph (paper Section 4.3; PEFT does the same), so the gradient reaches ``m``,
+``A`` and ``B`` but not through the norm. The forward never builds ``W'``::
+
+    h = (m / n) ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b                       (no dropout, or eval)
+    h = x W0ᵀ + b + (m / n - 1) ⊙ (d W0ᵀ) + (m / n) ⊙ s (d Aᵀ) Bᵀ     d = dropout(x), training
+
+the second form being PEFT's (the base output uses the undropped input). The norm is cached per
+version of W0, A and B, so generation with nothing training computes it once.
+
+Tensors: ``lora_magnitude_vector`` on the layer (PEFT's shapes: (out,) for Linear, (dim,) for an
+Embedding, (1, out, 1, ...) for a convolution), saved under PEFT's key ``<module>.lora_magnitude_vector``.
+Merge: ``W' `` in fp32 from the exact fp32 sum, rounded once; unmerge restores W0's bits from the
+kept copy (or divides by the cached factor when the copy was not kept, as PEFT does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModuleError
+from .base import LoraVariant, dropout_active, register_variant
+
+MAGNITUDE = "lora_magnitude_vector"
+
+__all__ = ["MAGNITUDE", "DoraConv", "DoraEmbedding", "DoraLinear", "dora_for"]
+
+
+def _key(*ts: Tensor) -> tuple:
+    return tuple((t._version, t.data_ptr(), t.dtype) for t in ts)
+
+
+class _Dora(LoraVariant):
+    """What the three layer kinds share: the magnitude Parameter, the cached norm, merge/unmerge."""
+
+    name = "use_dora"
+
+    def __init__(self) -> None:
+        self._norm_key: tuple | None = None
+        self._norm: Tensor | None = None
+        self._merge_factor: Tensor | None = None
+
+    # --- what each layer kind says --------------------------------------------------------------
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """``W0 + s B A`` in fp32, in the stored weight's layout (detached)."""
+        raise NotImplementedError
+
+    def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        """Axes of the stored weight the norm reduces over."""
+        raise NotImplementedError
+
+    def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # --- parameters -------------------------------------------------------------------------------
+    def magnitude(self, layer: nn.Module) -> Tensor:
+        return layer._parameters[MAGNITUDE]
+
+    def attach(self, layer: nn.Module) -> None:
+        w, A, B = layer._weight_param(), layer.lora_A, layer.lora_B
+        m = self.norm(layer, A, B).to(A.dtype).view(self._magnitude_shape(layer, w))
+        layer.register_parameter(MAGNITUDE, nn.Parameter(m.clone(), requires_grad=A.requires_grad))
+
+    def detach(self, layer: nn.Module) -> None:
+        layer._parameters.pop(MAGNITUDE, None)
+
+    def peft_tensors(self, layer: nn.Module) -> dict[str, Tensor]:
+        return {MAGNITUDE: self.magnitude(layer).detach()}
+
+    def load_peft_tensors(self, layer: nn.Module, tensors: dict[str, Tensor]) -> None:
+        m = self.magnitude(layer)
+        m.copy_(tensors[MAGNITUDE].reshape(m.shape))
+
+    # --- the norm -------------------------------------------------------------------------------
+    def norm(self, layer: nn.Module, A: Tensor, B: Tensor) -> Tensor:
+        """‖W0 + s B A‖ per output, fp32, detached; shape: the stored weight with the reduced axes
+        kept as size 1 (cached until W0, A, B or the scaling change)."""
+        w = layer._weight_param()
+        key = (*_key(w, A, B), layer.scaling)
+        if key != self._norm_key or self._norm is None:
+            with torch.no_grad():
+                full = self._full_weight(layer, w.detach(), A.detach(), B.detach())
+                self._norm = torch.linalg.vector_norm(full, dim=self._norm_dims(layer, w), keepdim=True)
+            self._norm_key = key
+        return self._norm
+
+    def _factor(self, layer: nn.Module, n: Tensor) -> Tensor:
+        """``m / n`` (fp32, differentiable in m) shaped like ``n``."""
+        return self.magnitude(layer).float().reshape(n.shape) / n
+
+    # --- merge ------------------------------------------------------------------------------------
+    def merged_weight(self, layer: nn.Module, w0: Tensor, delta: Tensor) -> Tensor:
+        full = w0 + delta  # (stored layout) fp32, the exact sum
+        n = torch.linalg.vector_norm(full, dim=self._norm_dims(layer, w0), keepdim=True)
+        factor = self._factor(layer, n).detach()
+        self._merge_factor = factor
+        return full * factor
+
+    def unmerged_weight(self, layer: nn.Module, w: Tensor, delta: Tensor) -> Tensor:
+        factor = self._merge_factor
+        if factor is None:  # merged by a checkpoint load: recompute from the current factors
+            factor = self._factor(layer, self.norm(layer, layer.lora_A, layer.lora_B)).detach()
+        return w / factor - delta
+
+    def describe(self) -> str:
+        return "DoRA"
+
+
+class DoraLinear(_Dora):
+    """DoRA for ``Linear`` and GPT-2 ``Conv1D`` (weight stored (in, out) with ``fan_in_fan_out``)."""
+
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        ba = (B.float() @ A.float()) * layer.scaling  # (out, r) @ (r, in) -> (out, in)
+        return w.float() + (ba.transpose(0, 1) if layer.fan_in_fan_out else ba)
+
+    def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        return (0,) if layer.fan_in_fan_out else (1,)
+
+    def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        return (w.shape[1] if layer.fan_in_fan_out else w.shape[0],)
+
+    def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        w = layer._weight_param()
+        W = w.transpose(0, 1) if layer.fan_in_fan_out else w  # (out, in)
+        bias = layer._bias_param()
+        factor = self._factor(layer, self.norm(layer, A, B)).view(-1)  # (out,)
+        s = layer.scaling
+        if not dropout_active(layer):
+            y = F.linear(x, W)  # (..., out)
+            lora = (x.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)  # (..., r) -> (..., out)
+            out = (factor * (y.to(lora.dtype) + lora * s)).to(y.dtype)
+            return out + bias if bias is not None else out
+        d = layer.lora_dropout(x)
+        out = F.linear(x, W, bias)
+        y = F.linear(d, W)
+        lora = (d.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
+        return out + ((factor - 1) * y.to(lora.dtype) + factor * lora * s).to(out.dtype)
+
+
+class DoraEmbedding(_Dora):
+    """DoRA for ``nn.Embedding``: the table is (num, dim); one magnitude per embedding dimension."""
+
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return w.float() + ((B.float() @ A.float()) * layer.scaling).transpose(0, 1)  # (num, dim)
+
+    def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        return (0,)
+
+    def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        return (w.shape[1],)
+
+    def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        w = layer._weight_param()
+        base = F.embedding(x, w, layer.padding_idx, layer.max_norm, layer.norm_type,
+                           layer.scale_grad_by_freq, layer.sparse)  # (..., dim)
+        after_a = F.embedding(x, A.transpose(0, 1), layer.padding_idx, None, 2.0,
+                              layer.scale_grad_by_freq, layer.sparse)  # (..., r)
+        lora = after_a @ B.transpose(0, 1)  # (..., dim); PEFT applies no dropout here
+        factor = self._factor(layer, self.norm(layer, A, B)).view(-1)  # (dim,)
+        return (factor * (base.to(lora.dtype) + lora * layer.scaling)).to(base.dtype)
+
+
+class DoraConv(_Dora):
+    """DoRA for Conv1d/2d/3d: one magnitude per output channel, stored (1, out, 1, ...) as PEFT."""
+
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return w.float() + ((B.float() @ A.float()) * layer.scaling).view(w.shape)
+
+    def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        return tuple(range(1, w.dim()))
+
+    def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        return (1, w.shape[0], *([1] * (w.dim() - 2)))
+
+    def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        conv = layer._conv()
+        w, bias = conv.weight, conv.bias
+        n = self.norm(layer, A, B)  # (out, 1, ...)
+        factor = self._factor(layer, n).view(1, -1, *([1] * (w.dim() - 2)))  # (1, out, 1, ...)
+        delta = ((B @ A) * layer.scaling).view(w.shape).to(w.dtype)
+        b = bias.view(1, -1, *([1] * (w.dim() - 2))) if bias is not None else None
+        if not dropout_active(layer):
+            y = conv._conv_forward(x, w + delta, None)
+            out = (factor * y.to(factor.dtype)).to(y.dtype)
+            return out + b if b is not None else out
+        d = layer.lora_dropout(x)
+        out = conv._conv_forward(x, w, bias)
+        y = conv._conv_forward(d, w, None)
+        lo = conv._conv_forward(d, delta, None)
+        return out + ((factor - 1) * y.to(factor.dtype) + factor * lo.to(factor.dtype)).to(out.dtype)
+
+
+def dora_for(layer: nn.Module) -> _Dora:
+    """The DoRA object for this layer's type; refuses types DoRA is not defined for here."""
+    if getattr(layer, "enable_lora", None) is not None:
+        raise UnsupportedModuleError("DoRA on a fused projection (MergedLinear slices) is not supported: "
+                                     "PEFT has no equivalent; target the unfused projections instead")
+    if isinstance(layer, nn.Embedding):
+        return DoraEmbedding()
+    conv = getattr(layer, "_conv", None)
+    if conv is not None and isinstance(conv(), nn.modules.conv._ConvNd):
+        if conv().groups != 1:
+            raise UnsupportedModuleError("DoRA on a grouped convolution (groups > 1) is not supported yet")
+        return DoraConv()
+    if hasattr(layer, "fan_in_fan_out"):
+        return DoraLinear()
+    raise UnsupportedModuleError(f"DoRA is defined for Linear, GPT-2 Conv1D, Embedding and Conv layers, "
+                                 f"not {type(layer).__name__}")
+
+
+register_variant("use_dora", dora_for)
