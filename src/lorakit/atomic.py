@@ -23,6 +23,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def output_problem(path: str | os.PathLike[str], kind: str) -> str | None:
+    """Why a new ``kind`` (``"file"`` or ``"directory"``) cannot be written at ``path``, or None.
+
+    It cannot when ``path`` exists as the other kind (a regular file is never swapped for a
+    directory, nor a directory for a file) or when the nearest existing parent is not a directory.
+    """
+    p = Path(path)
+    if kind == "directory" and (p.exists() or p.is_symlink()) and not p.is_dir():
+        return (f"{p} exists and is not a directory; refusing to replace it with a directory "
+                "(remove it or choose another path)")
+    if kind == "file" and p.is_dir():
+        return f"{p} is a directory; expected the path of a file to write (e.g. {p / 'out.json'})"
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is not a directory, so {p} cannot be created below it"
+            break
+    return None
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], mode: str = "wb") -> None:
     """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, rename it onto ``path``."""
     p = Path(path)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorakit.atomic import atomic_dir, atomic_write, output_problem
 from lorakit.train.batching import encode_classification, encode_lm
 from lorakit.train.config import EvalConfig, GenerateConfig, MergeConfig
 from lorakit.train.data import eval_digest, get_task, load_task_data, read_e2e, read_examples, subsample
@@ -50,6 +50,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     else:
         _, data = load_task_data(spec, cfg.data_dir, seed=cfg.seed, dev_fraction=cfg.e2e_dev_fraction)
     data = subsample(list(data), cfg.max_eval_examples, cfg.eval_subset_seed)
+    problem = output_problem(cfg.output, "file") if cfg.output else None
+    if problem:
+        raise TrainConfigError(f"--output: {problem}")
     model, tok = load_for_task(cfg.model, spec.kind, spec.num_labels, cfg.adapter, cfg.head)
     device = _device()
     model.to(device)
@@ -77,7 +80,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         )
     res = {"task": spec.name, "n": len(data), "eval_digest": eval_digest(data), **res}
     if cfg.output:
-        Path(cfg.output).write_text(json.dumps(res, indent=2))
+        text = json.dumps(res, indent=2)
+        atomic_write(cfg.output, lambda fh: fh.write(text), mode="w")
     return res
 
 
@@ -126,12 +130,17 @@ def run_merge(cfg: MergeConfig) -> Path:
         raise TrainConfigError("--task: not recorded with the adapter; pass the task it was trained for")
     spec = get_task(task_name)
     out = Path(cfg.output)
+    problem = output_problem(out, "directory")
+    if problem:
+        raise TrainConfigError(f"--output: {problem}")
     if out.exists() and not cfg.overwrite:
         raise TrainConfigError(f"--output: {out} exists; pass --overwrite to replace it")
     model, tok = load_for_task(model_name, spec.kind, spec.num_labels, cfg.adapter)
     merged = lorakit.merge_and_unload(model)
-    if out.exists():
-        shutil.rmtree(out)
-    merged.save_pretrained(out)
-    tok.save_pretrained(out)
+
+    def fill(d: Path) -> None:
+        merged.save_pretrained(d)
+        tok.save_pretrained(d)
+
+    atomic_dir(out, fill)  # a crash or a failed save leaves the old --output as it was
     return out

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from lorakit.atomic import output_problem
 from lorakit.train.config import DemoConfig, TrainConfig
 from lorakit.train.data import Example, get_task, read_glue_tsv
+from lorakit.train.errors import TrainConfigError
 
 SAMPLE = "demo_sentiment.tsv"
 
@@ -64,6 +66,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
     examples = read_glue_tsv(sample_path(), spec)
     train, test = split_sample(examples, 0.25, cfg.seed)
     out = Path(cfg.output_dir)
+    problem = output_problem(out, "directory")
+    if problem:
+        raise TrainConfigError(f"--output-dir: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     _write_tsv(out / "train.tsv", train)
     _write_tsv(out / "test.tsv", test)

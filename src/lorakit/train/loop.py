@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lorakit.atomic import output_problem
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
 from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
@@ -111,6 +112,9 @@ class Trainer:
                 f"{self.schedule.n_examples} training examples are fewer than one global batch "
                 f"({self.schedule.global_batch}); lower --batch-size / --grad-accum"
             )
+        problem = output_problem(self.run_dir, "directory")
+        if problem:
+            raise TrainConfigError(f"--output-dir: {problem}")
         if c.resume:
             if not path.is_file() and (self.run_dir / "results.json").is_file():
                 raise TrainConfigError(f"--resume: the run in {self.run_dir} already finished")
