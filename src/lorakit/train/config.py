@@ -266,6 +266,9 @@ class TrainConfig(DecodeOptions):
         "auto", "auto = bf16 autocast on GPUs that support it, else fp32", choices=PRECISIONS
     )
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    fsdp: bool = opt(False, "FSDP2: shard the frozen base per transformer block (launch with torchrun)")
+    fsdp_offload: bool = opt(False, "with --fsdp: keep the sharded parameters in CPU memory (CPUOffloadPolicy)")
+    fsdp_block: str | None = opt(None, "with --fsdp: class name of the block to shard (default: from the model)")
     seed: int = opt(0, "random seed (data order, dropout, head init, E2E split)")
     eval_every: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)", lo=0)
     save_every: int = opt(50, "write a resumable checkpoint every N optimizer steps", lo=1)
@@ -286,6 +289,9 @@ class TrainConfig(DecodeOptions):
             raise TrainConfigError("--method: head is for classification/regression tasks, not e2e")
         if self.resume and self.overwrite:
             raise TrainConfigError("--resume and --overwrite exclude each other")
+        from lorakit.train.fsdp import check_launch
+
+        check_launch(self)
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else {"lora": 5e-4, "full": 3e-5, "head": 1e-3}[self.method]

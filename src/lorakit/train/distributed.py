@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -43,8 +44,14 @@ def setup() -> DistContext:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return DistContext(rank, world, local, device)
+
+
+def collective_timeout() -> timedelta:
+    """Bound on every collective: ``$LORAKIT_DIST_TIMEOUT`` seconds (default 1800, torch's own default);
+    a rank that dies makes the others fail with a timeout error instead of hanging."""
+    return timedelta(seconds=float(os.environ.get("LORAKIT_DIST_TIMEOUT", "1800")))
 
 
 def teardown(ctx: DistContext) -> None:

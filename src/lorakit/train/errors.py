@@ -23,3 +23,11 @@ class ModelLoadError(LoraError, RuntimeError):
 
 class ResumeError(LoraError, ValueError):
     """``--resume`` points at a checkpoint that does not exist or belongs to another config."""
+
+
+class FSDPLaunchError(TrainConfigError):
+    """``--fsdp`` outside torchrun; the message gives the torchrun command to use."""
+
+
+class FSDPBlockError(TrainConfigError):
+    """``--fsdp-block`` names a module class the model does not contain; the message lists those it does."""

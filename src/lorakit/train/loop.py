@@ -21,6 +21,7 @@ import torch
 from lorakit.atomic import output_problem
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
+from lorakit.train import fsdp, sharded_ckpt
 from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import TaskSpec, eval_digest, get_task, load_task_data, subsample
@@ -119,7 +120,10 @@ class Trainer:
             if not path.is_file() and (self.run_dir / "results.json").is_file():
                 raise TrainConfigError(f"--resume: the run in {self.run_dir} already finished")
             state = ckpt.load(path)
-            ckpt.check_resumable(state, self.config_dict, path)
+            if c.fsdp:
+                sharded_ckpt.check_resumable(state, self.config_dict, self.schedule.global_batch, path)
+            else:
+                ckpt.check_resumable(state, self.config_dict, path)
             return state
         busy = path.is_file() or (self.run_dir / "results.json").is_file()
         if busy and not c.overwrite:
@@ -154,6 +158,8 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         bf16 = use_bf16(c.precision, device)
+        # FSDP2 replaces the parameters by sharded DTensors, so it shards before the optimizer sees them.
+        sharded = fsdp.shard(model, c, ctx, bf16=bf16) if c.fsdp else None
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -165,8 +171,8 @@ class Trainer:
         total = c.max_steps or max(1, math.ceil(c.epochs * spe))
         warmup = c.warmup_steps if c.warmup_steps is not None else round(c.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, total))
-        wrapped: Any = model
-        if ctx.enabled:
+        wrapped: Any = sharded or model
+        if ctx.enabled and sharded is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -174,11 +180,14 @@ class Trainer:
         step, best = 0, {"value": None, "step": None}
         if self.resume_state is not None:
             st = self.resume_state
-            ckpt.load_trainable_state(model, st["trainable"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
+            if c.fsdp:
+                sharded_ckpt.restore(self.run_dir, st, model, opt, sched, ctx)
+            else:
+                ckpt.load_trainable_state(model, st["trainable"])
+                opt.load_state_dict(st["optimizer"])
+                sched.load_state_dict(st["scheduler"])
+                ckpt.set_rng_state(st["rng"][ctx.rank])
             step, best = st["step"], st["best"]
-            ckpt.set_rng_state(st["rng"][ctx.rank])
             self.log.reset(keep_until_step=step)
         else:
             torch.manual_seed(c.seed + 1 + ctx.rank)  # dropout streams differ per rank
@@ -281,7 +290,7 @@ class Trainer:
         """Rank 0 evaluates; an improvement is written to ``best.pt``. Returns the metrics."""
         metric = "loss" if self.spec.kind == "generation" else self.spec.metric
         res: dict[str, float] = {}
-        if self.ctx.is_main:
+        if self.ctx.is_main or self.cfg.fsdp:  # under FSDP every rank takes part in each forward
             res = evaluate(
                 self.model,
                 self.spec,
@@ -294,14 +303,21 @@ class Trainer:
             self.log.append({"split": "eval", "step": step, **res})
             if better(metric, res[metric], best["value"]):
                 best.update(value=res[metric], step=step, metrics=res)
-                ckpt.atomic_save(
-                    {"step": step, "metrics": res, "trainable": ckpt.trainable_state(self.model)},
-                    self.run_dir / ckpt.BEST,
-                )
+                if self.cfg.fsdp:
+                    fsdp.save_best(self.model, step, res, self.run_dir / ckpt.BEST, self.ctx)
+                else:
+                    ckpt.atomic_save(
+                        {"step": step, "metrics": res, "trainable": ckpt.trainable_state(self.model)},
+                        self.run_dir / ckpt.BEST,
+                    )
         best.update(dd.broadcast_object(self.ctx, dict(best)))
         return res
 
     def _save_checkpoint(self, step: int, best: dict[str, Any], opt: Any, sched: Any) -> None:
+        if self.cfg.fsdp:
+            sharded_ckpt.save(self.run_dir, step, best, self.model, opt, sched, self.config_dict,
+                              self.schedule.global_batch, self.ctx)
+            return
         rngs = dd.gather_objects(self.ctx, ckpt.rng_state())
         if self.ctx.is_main:
             digest, keep = ckpt.fingerprint(self.config_dict)
@@ -331,6 +347,8 @@ class Trainer:
     ) -> dict[str, Any]:
         c, ctx = self.cfg, self.ctx
         results: dict[str, Any] = {}
+        if c.fsdp:  # every rank gathers the (small) trainable tensors; rank 0 then saves as unsharded
+            fsdp.gather_trainables(self.model)
         if ctx.is_main:
             meta = {
                 "task": self.spec.name,
@@ -390,6 +408,8 @@ class Trainer:
                 None if self.spec.kind == "generation" else self.spec.metric,
             )
             (self.run_dir / ckpt.CHECKPOINT).unlink(missing_ok=True)
+            if c.fsdp:
+                sharded_ckpt.cleanup(self.run_dir)
         return results
 
 

@@ -1,0 +1,213 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for ``lorakit train --fsdp`` under torchrun.
+
+The frozen base is sharded per transformer block (one ``fully_shard`` unit per block, then the root
+for embeddings and heads), so each rank holds about 1/N of the base between a block's all-gather and
+its reshard. The LoRA factors are ordinary parameters of the wrapped linears and are sharded with
+their block, like torchtune does: they ride in the block's single all-gather and their gradients in
+its single reduce-scatter. Keeping them replicated instead (``ignored_params`` plus an all-reduce of
+each factor's gradient) was measured slower on 2 gloo ranks (``benchmarks/bench_fsdp.py --lora
+replicated``; figures in docs/benchmarks.md), and it would mix plain tensors and DTensors in one
+clipping / optimizer call.
+
+Launch (one node)::
+
+    torchrun --standalone --nproc_per_node 2 -m lorakit train --task mrpc --fsdp
+
+The loop (:mod:`lorakit.train.loop`) calls :func:`check_launch` (config validation), :func:`shard`
+(where it would wrap in DDP), :func:`full_trainable_state` (best checkpoint) and
+:func:`gather_trainables` (before rank 0 writes the adapter); resumable checkpoints are in
+:mod:`lorakit.train.sharded_ckpt`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lorakit.train.errors import FSDPBlockError, FSDPLaunchError, TrainConfigError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+LAUNCH_HINT = (
+    "launch it with torchrun, e.g. `torchrun --standalone --nproc_per_node 2 -m lorakit train ... --fsdp` "
+    "(several nodes: `torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint host0:29500 "
+    "-m lorakit train ... --fsdp` on every node)"
+)
+
+
+# --- before the model exists ----------------------------------------------------------------------
+def check_launch(cfg: Any, env: dict[str, str] | None = None) -> None:
+    """Refuse ``--fsdp`` outside torchrun and combinations that cannot work, before any model is loaded."""
+    env = dict(os.environ) if env is None else env
+    if not cfg.fsdp:
+        for key in ("fsdp_offload", "fsdp_block"):
+            if getattr(cfg, key):
+                raise TrainConfigError(f"--{key.replace('_', '-')}: only meaningful with --fsdp")
+        return
+    missing = [v for v in TORCHRUN_VARS if v not in env]
+    if missing:
+        raise FSDPLaunchError(
+            f"--fsdp: this process was not started by torchrun (no {', '.join(missing)} in the environment); "
+            + LAUNCH_HINT
+        )
+    if cfg.method == "full":
+        raise TrainConfigError(
+            "--fsdp with --method full: saving a fully fine-tuned sharded model is not implemented; "
+            "use --method lora or head, or train --method full with DDP (without --fsdp)"
+        )
+    if cfg.task == "e2e":
+        raise TrainConfigError(
+            "--fsdp with --task e2e: the final beam-search decoding runs on rank 0 alone, which FSDP "
+            "cannot do (every rank takes part in each forward); train e2e with DDP (without --fsdp)"
+        )
+
+
+# --- blocks ------------------------------------------------------------------------------------------
+def _class_names(model: nn.Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts
+
+
+def default_block_names(model: nn.Module) -> list[str]:
+    """The transformer-block class: transformers' ``_no_split_modules`` present in the model, else the
+    class of the longest ``nn.ModuleList`` (BERT's ``BertLayer``, GPT-2's ``GPT2Block``...)."""
+    present = _class_names(model)
+    declared = [n for n in (getattr(model, "_no_split_modules", None) or []) if present.get(n)]
+    if declared:
+        return declared
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise FSDPBlockError(
+            f"--fsdp: {type(model).__name__} has no nn.ModuleList of blocks; name the block class with "
+            "--fsdp-block (module classes in the model: " + ", ".join(sorted(present)) + ")"
+        )
+    longest = max(lists, key=len)
+    return [type(longest[0]).__name__]
+
+
+def find_blocks(model: nn.Module, block: str | None = None) -> list[nn.Module]:
+    """Modules to shard one by one: instances of ``block`` (a class name; default: :func:`default_block_names`).
+
+    Raises :class:`FSDPBlockError` naming the classes that do exist when ``block`` matches nothing.
+    """
+    names = [block] if block else default_block_names(model)
+    found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if not found:
+        present = _class_names(model)
+        repeated = sorted(n for n, c in present.items() if c > 1)
+        raise FSDPBlockError(
+            f"--fsdp-block: no module of class {names[0]!r} in {type(model).__name__}; "
+            f"repeated module classes are: {', '.join(repeated)} (default here: "
+            f"{', '.join(default_block_names(model))})"
+        )
+    # Nested matches (a block inside a block) would be sharded twice; keep the outermost.
+    inner = {id(c) for m in found for c in m.modules() if c is not m}
+    return [m for m in found if id(m) not in inner]
+
+
+# --- sharding ----------------------------------------------------------------------------------------
+class Sharded:
+    """The sharded model as the loop calls it: ``__call__`` forwards, ``no_sync()`` defers the gradient
+    reduce-scatter during accumulation micro-batches (FSDP2's ``set_requires_gradient_sync``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False) -> Sharded:
+    """``fully_shard`` each block of ``model`` (in place), then the root; returns the loop's handle.
+
+    Must run before the optimizer is built: FSDP2 replaces the parameters by sharded DTensors.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    blocks = find_blocks(model, cfg.fsdp_block)
+    if not dist.is_initialized():  # torchrun with one process: FSDP2 still needs a process group
+        from lorakit.train.distributed import collective_timeout
+
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", timeout=collective_timeout())
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    kw: dict[str, Any] = {"mesh": mesh}
+    if cfg.fsdp_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    else:
+        kw["offload_policy"] = OffloadPolicy()
+    if bf16 and ctx.device.type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for b in blocks:
+        fully_shard(b, **kw)
+    fully_shard(model, **kw)
+    return Sharded(model)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+# --- trainable state ---------------------------------------------------------------------------------
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of every trainable parameter, gathered whole (a collective: call it on every rank).
+
+    Only the trainable parameters travel (the LoRA factors and heads: small), never the base.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[n] = _full(p.detach()).cpu().clone()
+    return out
+
+
+def gather_trainables(model: nn.Module) -> None:
+    """Replace each trainable DTensor parameter by its gathered full tensor, on every rank (collective).
+
+    After this, ``lorakit.save_adapter`` and ``trainable_state`` work on rank 0 as on an unsharded model;
+    the frozen base stays sharded. One-way: the model must not run forward again (end of training).
+    """
+    from torch.distributed.tensor import DTensor
+
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.requires_grad and isinstance(p, DTensor):
+                mod._parameters[name] = nn.Parameter(p.detach().full_tensor().clone(), requires_grad=True)
+        # FSDP2's state-dict pre-hook would put the sharded parameters back (``to_sharded``); from here on
+        # ``state_dict()`` must see the gathered ones (torch 2.13: a closure named ``to_sharded_hook``).
+        for key, hook in list(mod._state_dict_pre_hooks.items()):
+            if getattr(hook, "__name__", "") == "to_sharded_hook":
+                del mod._state_dict_pre_hooks[key]
+
+
+def save_best(model: nn.Module, step: int, metrics: dict[str, float], path: Path, ctx: Any) -> None:
+    """The loop's ``best.pt`` (same content as unsharded): gathered on every rank, written by rank 0."""
+    from lorakit.train.checkpoint import atomic_save
+
+    state = full_trainable_state(model)
+    if ctx.is_main:
+        atomic_save({"step": step, "metrics": metrics, "trainable": state}, path)

@@ -1,0 +1,195 @@
+"""FSDP2 training (``--fsdp``) under torchrun on CPU/gloo against a single unsharded process.
+
+The references are a plain 1-process run (no FSDP, same global batch and seed) for losses and the
+saved adapter, and the model's own module classes for the block choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import cli_env, run_cli, tiny_train_args, train_losses
+
+# Every collective gives up after this long, so a broken run fails instead of hanging the suite.
+ENV = {"CUDA_VISIBLE_DEVICES": "", "LORAKIT_DIST_TIMEOUT": "60"}
+# Measured: 2-rank FSDP vs 1 process differ by <= 1e-7 relative in the loss and 1e-7 absolute in the
+# adapter tensors (the reduce-scatter averages two half-batch sums where one process sums once).
+LOSS_REL, ADAPTER_ATOL = 1e-5, 1e-6
+
+
+def torchrun(n: int) -> list[str]:
+    exe = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    return [exe, "--standalone", "--nproc_per_node", str(n)]
+
+
+def adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = adapter(a), adapter(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert (ta[k] - tb[k]).abs().max() <= ADAPTER_ATOL, k
+    assert json.loads((a / "adapter/adapter_config.json").read_text()) == json.loads(
+        (b / "adapter/adapter_config.json").read_text()
+    )
+
+
+# --- in-process: launch and block errors -----------------------------------------------------------
+def test_fsdp_without_torchrun_says_how_to_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.errors import FSDPLaunchError, TrainConfigError
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(FSDPLaunchError, match="torchrun --standalone --nproc_per_node"):
+        TrainConfig.build({"fsdp": True})
+    with pytest.raises(TrainConfigError, match="--fsdp-block: only meaningful with --fsdp"):
+        TrainConfig.build({"fsdp_block": "BertLayer"})
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert TrainConfig.build({"fsdp": True}).fsdp
+    with pytest.raises(TrainConfigError, match="--method full"):
+        TrainConfig.build({"fsdp": True, "method": "full"})
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=3, num_attention_heads=2))
+
+
+def test_block_class_found_from_the_model() -> None:
+    from lorakit.train.fsdp import find_blocks
+
+    llama, bert = _tiny_llama(), _tiny_bert()
+    assert [type(m).__name__ for m in find_blocks(llama)] == ["LlamaDecoderLayer"] * 3  # _no_split_modules
+    assert list(find_blocks(llama)) == list(llama.model.layers)
+    # BERT declares BertEmbeddings and BertLayer; without a declaration, the longest ModuleList's class.
+    assert list(find_blocks(bert)) == [bert.bert.embeddings, *bert.bert.encoder.layer]
+    bert._no_split_modules = None
+    assert list(find_blocks(bert)) == list(bert.bert.encoder.layer)
+    assert list(find_blocks(bert, "BertAttention")) == [b.attention for b in bert.bert.encoder.layer]
+
+
+def test_nonexistent_block_class_is_a_typed_error() -> None:
+    from lorakit.errors import LoraError
+    from lorakit.train.errors import FSDPBlockError
+    from lorakit.train.fsdp import find_blocks
+
+    with pytest.raises(FSDPBlockError, match=r"'LlamaBlock'.*LlamaDecoderLayer") as err:
+        find_blocks(_tiny_llama(), "LlamaBlock")
+    assert isinstance(err.value, LoraError)
+
+
+# --- torchrun: 2 ranks vs 1 process, kill -9 and resume on 1 rank ---------------------------------
+COMMON = {"max_eval_examples": 16, "max_steps": 24, "save_every": 3}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_files: tuple[Path, Path]) -> Path:
+    """An unsharded 1-process run with global batch 8."""
+    out = tmp_path_factory.mktemp("fsdp") / "single"
+    res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **COMMON, batch_size=8, output_dir=out), env=ENV)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_matches_single_process(
+    tmp_path: Path, reference: Path, tiny_bert: Path, sentiment_files: tuple[Path, Path]
+) -> None:
+    out = tmp_path / "fsdp"
+    res = run_cli(
+        *tiny_train_args(tiny_bert, sentiment_files, **COMMON, batch_size=4, fsdp=True, output_dir=out),
+        launcher=torchrun(2), env=ENV, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = train_losses(reference), train_losses(out)
+    assert len(a) == len(b) == COMMON["max_steps"]
+    assert b == pytest.approx(a, rel=LOSS_REL)
+    assert_same_adapter(reference, out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["final"]["loss"] == pytest.approx(json.loads((reference / "results.json").read_text())["final"]
+                                                     ["loss"], rel=LOSS_REL)
+    assert not (out / "checkpoint.pt").exists() and not list(out.glob("checkpoint-*.dcp"))
+
+
+def _workers(parent: int) -> list[int]:
+    """PIDs whose parent is ``parent`` (torchrun's agent -> its rank processes)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == parent:
+                out.append(int(d.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's rank processes through /proc")
+def test_kill_a_rank_then_resume_on_one_rank(
+    tmp_path: Path, reference: Path, tiny_bert: Path, sentiment_files: tuple[Path, Path]
+) -> None:
+    import torch
+
+    out = tmp_path / "killed"
+    args = tiny_train_args(tiny_bert, sentiment_files, **COMMON, batch_size=4, fsdp=True, output_dir=out)
+    proc = subprocess.Popen([*torchrun(2), "-m", "lorakit", *args], env=cli_env(**ENV),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _workers(proc.pid)
+        assert workers and proc.poll() is None, "the run ended before its first checkpoint"
+        os.kill(max(workers), signal.SIGKILL)
+        assert proc.wait(timeout=90) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["world_size"] == 2 and 3 <= state["step"] < COMMON["max_steps"]
+    assert (out / state["dcp"] / ".metadata").is_file()
+    # A save torn by the crash (a later step's directory without its metadata) must not be used.
+    torn = out / f"checkpoint-{state['step'] + 3:08d}.dcp"
+    torn.mkdir(exist_ok=True)
+    (torn / "__0_0.distcp").write_bytes(b"torn")
+
+    # 2 ranks x 4 -> 1 rank x 8: the same global batch; DCP reshards the trainable state.
+    res = run_cli(
+        *tiny_train_args(tiny_bert, sentiment_files, **COMMON, batch_size=8, fsdp=True, output_dir=out,
+                         resume=True),
+        launcher=torchrun(1), env=ENV, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert train_losses(out) == pytest.approx(train_losses(reference), rel=LOSS_REL)
+    assert_same_adapter(reference, out)
+    assert not torn.exists()
