@@ -4,7 +4,7 @@
     python -m benchmarks.micro_decode --rows 1 --rank 8 --threads 2
     python -m benchmarks.micro_decode --cold --threads 1         # whole layers, weights from DRAM
 
-Hot caches: times ``out += s (x Aᵀ) Bᵀ`` two ways in one process: ``lorakit.cpu_kernels``'
+Hot caches: times ``out += s (x Aᵀ) Bᵀ`` two ways in one process: ``lorakit.kernels.cpu``'
 ``lora_add_`` (one C++ call) and the ATen composition ``out.add_(F.linear(F.linear(x, A), B),
 alpha=s)`` (three calls), min over repeats of the mean of ``--number`` calls, in µs per call.
 
@@ -13,7 +13,7 @@ SmolLM2-135M's 30 × 7 projections (425 MB of fp32 weights, ~13x the L3) per "to
 interleaved with their order rotated, median ms per pass: the base ``F.linear`` (the anchor), the
 merged layer through the kernel (``linear_rows`` without A and B), and the unmerged layer three ways
 (ATen: four calls and an add; ``F.linear`` + ``lora_add_``; ``linear_rows``: one call).
-These set :data:`lorakit.fused.KERNEL_ROWS`.
+These set :data:`lorakit.kernels.decode.KERNEL_ROWS`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import interleave, setup_torch
-from lorakit import cpu_kernels
+from lorakit.kernels import cpu as cpu_kernels
 
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))  #: SmolLM2-135M's (in, out) projections
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import fused as FU
+from lorakit.kernels import fused as FK
 
 
 def _variants(n: int, d: int, r: int, p: float) -> dict[str, Callable[[], None]]:
@@ -37,14 +37,14 @@ def _variants(n: int, d: int, r: int, p: float) -> dict[str, Callable[[], None]]
     def run(fused: bool, fold: float) -> Callable[[], None]:
         def step() -> None:
             x.grad = layer.lora_A.grad = layer.lora_B.grad = None
-            layer.lora_fused, FU.FOLD_ROWS_FACTOR = fused, fold
+            layer.lora_fused, FK.FOLD_ROWS_FACTOR = fused, fold
             layer(x).backward(g)
         return step
 
     def floor() -> None:
         x.grad = None
         nn.functional.linear(x, layer.weight, layer.bias).backward(g)
-    out = {"floor": floor, "plain": run(False, FU.FOLD_ROWS_FACTOR), "fused-add": run(True, float("inf"))}
+    out = {"floor": floor, "plain": run(False, FK.FOLD_ROWS_FACTOR), "fused-add": run(True, float("inf"))}
     if p == 0.0:
         out["fused-fold"] = run(True, 0.0)
     return out
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    fold_default = FU.FOLD_ROWS_FACTOR
+    fold_default = FK.FOLD_ROWS_FACTOR
     ns = [64] if args.smoke else [int(v) for v in args.tokens.split(",")]
     d, r, reps = (32, 4, 2) if args.smoke else (args.dim, args.rank, args.reps)
     print("| N | variant | median wall ms | × floor | median CPU ms | × floor |\n|---|---|---|---|---|---|")
@@ -79,7 +79,7 @@ def main() -> None:
                 f()
                 cpu[k].append((time.process_time() - c0) * 1e3)
                 wall[k].append((time.perf_counter() - w0) * 1e3)
-        FU.FOLD_ROWS_FACTOR = fold_default
+        FK.FOLD_ROWS_FACTOR = fold_default
         mw = {k: statistics.median(v) for k, v in wall.items()}
         mc = {k: statistics.median(v) for k, v in cpu.items()}
         for k in fns:

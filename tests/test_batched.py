@@ -10,7 +10,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.batched import plan_rows
+from lorakit.adapters.batched import plan_rows
 
 NAMES = ["default", "b", "base", "c", "b", "default", "c", "b"]
 

@@ -1,4 +1,4 @@
-"""lorakit.cpu_kernels: the decode kernels ``linear_rows`` and ``lora_add_`` and training's skinny
+"""lorakit.kernels.cpu: the decode kernels ``linear_rows`` and ``lora_add_`` and training's skinny
 products against float64 references, their refusals, and their use by the layers."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import cpu_kernels as CK
-from lorakit import fused as FU
+from lorakit.kernels import cpu as CK
+from lorakit.kernels import decode as DE
+from lorakit.kernels import dispatch as FU
+from lorakit.kernels import fused as FK
 
 needs_kernel = pytest.mark.skipif(CK.extension() is None, reason="no C++ compiler for the CPU kernels")
 
@@ -129,7 +131,7 @@ def test_decode_rows_use_the_kernel_and_match_without_it(monkeypatch: pytest.Mon
     layer.eval()
     spy = _Spy(CK.extension())
     monkeypatch.setitem(CK._state, "ext", spy)
-    xs = [torch.randn(1, 1, 48), torch.randn(FU.KERNEL_ROWS, 48), torch.randn(FU.KERNEL_ROWS + 1, 48)]
+    xs = [torch.randn(1, 1, 48), torch.randn(DE.KERNEL_ROWS, 48), torch.randn(DE.KERNEL_ROWS + 1, 48)]
     with torch.no_grad():
         got = [layer(x) for x in xs]
     # the first two inputs have at most KERNEL_ROWS rows: the whole layer in one call, or for a
@@ -342,13 +344,13 @@ def test_fused_gradients_with_skinny_kernels(monkeypatch: pytest.MonkeyPatch, p:
                                merge_weights=False)
     nn.init.normal_(layer.lora_B)
     layer.weight.requires_grad_(False)
-    monkeypatch.setattr(FU, "FOLD_ROWS_FACTOR", 0.0 if fold else float("inf"))
+    monkeypatch.setattr(FK, "FOLD_ROWS_FACTOR", 0.0 if fold else float("inf"))
     x = torch.randn(3, 70, 40)
     g = torch.randn(3, 70, layer.out_features)
 
     def step(min_elements: float) -> list[torch.Tensor]:
-        monkeypatch.setattr(FU, "SKINNY_MIN_ELEMENTS", min_elements)
-        monkeypatch.setattr(FU, "GRAD_PRODUCT_MIN_ELEMENTS", min_elements)
+        monkeypatch.setattr(FK, "SKINNY_MIN_ELEMENTS", min_elements)
+        monkeypatch.setattr(FK, "GRAD_PRODUCT_MIN_ELEMENTS", min_elements)
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(5)  # the same dropout seed for both runs
         layer.lora_A.grad = layer.lora_B.grad = None

@@ -1,4 +1,4 @@
-"""lorakit.dropout_kernel: the C++ kernel and the torch-ops path draw the identical hashed mask."""
+"""lorakit.kernels.dropout: the C++ kernel and the torch-ops path draw the identical hashed mask."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import cpu_kernels as CK
-from lorakit import dropout_kernel as DK
-from lorakit import fused as FU
+from lorakit.kernels import cpu as CK
+from lorakit.kernels import dropout as DK
 
 needs_kernel = pytest.mark.skipif(DK.extension() is None, reason="no C++ compiler for the CPU dropout kernel")
 
@@ -48,12 +47,12 @@ def test_mask_statistics_and_seeds() -> None:
     assert torch.equal(keep, DK.keep_mask(1 << 20, 7, 0.1))
     assert (keep != DK.keep_mask(1 << 20, 8, 0.1)).float().mean() > 0.15  # another seed: another mask
     assert DK.keep_mask(100, 7, 0.0).all() and not DK.keep_mask(100, 7, 1.0).any()
-    assert FU.keep_scale(0.1) == DK.LEVELS / (DK.LEVELS - round(0.1 * DK.LEVELS))
+    assert DK.keep_scale(0.1) == DK.LEVELS / (DK.LEVELS - round(0.1 * DK.LEVELS))
 
 
 def test_non_contiguous_input_uses_row_major_order() -> None:
     x = torch.randn(24, 10).t()  # (10, 24), transposed strides
-    expect = x * FU.dropout_mask(x.shape, 0.4, 99, dtype=x.dtype)
+    expect = x * DK.dropout_mask(x.shape, 0.4, 99, dtype=x.dtype)
     assert torch.equal(DK.masked(x, 99, 0.4), expect)
     g = x.clone()  # non-contiguous: the torch-ops path
     assert torch.equal(DK.mask_(g, 99, 0.4), expect)

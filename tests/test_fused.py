@@ -1,4 +1,4 @@
-"""The fused LoRA path (lorakit.fused) against the plain reference path (lorakit.functional)."""
+"""The fused LoRA path (lorakit.kernels) against the plain reference path (lorakit.functional)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from torch.utils.checkpoint import checkpoint
 
 import lorakit
 from lorakit import functional as LF
-from lorakit import fused as FU
+from lorakit.kernels import dispatch as FU
+from lorakit.kernels import dropout as DR
+from lorakit.kernels import fused as FK
 
 N, D_IN, D_OUT, R = 12, 16, 24, 4
 
@@ -30,7 +32,7 @@ class MaskDropout(nn.Module):
 def _mask_for(seed_state: int, shape: tuple[int, ...], p: float) -> Tensor:
     """The mask the fused path draws right after ``torch.manual_seed(seed_state)``."""
     torch.manual_seed(seed_state)
-    return FU.dropout_mask(shape, p, FU.draw_seed())
+    return DR.dropout_mask(shape, p, DR.draw_seed())
 
 
 def _layer(fifo: bool = False, p: float = 0.0, bias: bool = True, seed: int = 0) -> lorakit.Linear:
@@ -68,7 +70,7 @@ def _plain(layer: lorakit.Linear, dropout: nn.Module | None = None):
 @pytest.fixture(params=["add", "fold"])
 def fold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a test with the low-rank product added per row ("add") and folded into W' ("fold")."""
-    monkeypatch.setattr(FU, "FOLD_ROWS_FACTOR", 0.0 if request.param == "fold" else float("inf"))
+    monkeypatch.setattr(FK, "FOLD_ROWS_FACTOR", 0.0 if request.param == "fold" else float("inf"))
     return request.param == "fold"
 
 
@@ -83,7 +85,7 @@ def test_linear_matches_plain(fifo: bool, train: str, p: float, fold: bool) -> N
     params = [layer.weight, layer.bias, layer.lora_A, layer.lora_B]
     torch.manual_seed(7)
     out_f, g_f = _grads(layer, params, x)
-    drop = MaskDropout(_mask_for(7, tuple(x.shape), p), FU.keep_scale(p)) if p else None
+    drop = MaskDropout(_mask_for(7, tuple(x.shape), p), DR.keep_scale(p)) if p else None
     out_p, g_p = _grads(_plain(layer, drop), params, x)
     torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
     _assert_close(g_f, g_p, rtol=1e-5, atol=1e-5)
@@ -106,8 +108,8 @@ def test_cuda_matches_plain(p: float, autocast: bool, fold: bool) -> None:
     with amp:
         out_f, g_f = _grads(layer, params, x)
     torch.manual_seed(7)
-    keep = FU.dropout_mask(tuple(x.shape), p, FU.draw_seed(), device="cuda") if p else None
-    drop = MaskDropout(keep, FU.keep_scale(p)) if p else None
+    keep = DR.dropout_mask(tuple(x.shape), p, DR.draw_seed(), device="cuda") if p else None
+    drop = MaskDropout(keep, DR.keep_scale(p)) if p else None
     with amp:
         out_p, g_p = _grads(_plain(layer, drop), params, x)
     torch.testing.assert_close(out_f.float(), out_p.float(), **tol)
@@ -134,7 +136,7 @@ def test_merged_linear_matches_plain(fifo: bool, p: float, fold: bool) -> None:
     params = [layer.bias, layer.lora_A, layer.lora_B]
     torch.manual_seed(3)
     out_f, g_f = _grads(layer, params, x)
-    drop = MaskDropout(_mask_for(3, tuple(x.shape), p), FU.keep_scale(p)) if p else None
+    drop = MaskDropout(_mask_for(3, tuple(x.shape), p), DR.keep_scale(p)) if p else None
 
     def plain(x: Tensor) -> Tensor:
         return LF.fused_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
@@ -156,17 +158,17 @@ def test_siblings_share_one_mask_and_match_plain() -> None:
     torch.manual_seed(5)
     out_f, g_f = _grads(fused, params, x)
     keep = _mask_for(5, tuple(x.shape), p)
-    drop = MaskDropout(keep, FU.keep_scale(p))
+    drop = MaskDropout(keep, DR.keep_scale(p))
     out_p, g_p = _grads(lambda x: sum(_plain(m, drop)(x) for m in layers), params, x)
     torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
     _assert_close(g_f, g_p, rtol=1e-5, atol=3e-5)  # x.grad sums three paths in another order
 
 
 def test_dropout_mask_statistics() -> None:
-    keep = FU.dropout_mask((256, 256), 0.1, 1)
+    keep = DR.dropout_mask((256, 256), 0.1, 1)
     assert abs(1 - keep.float().mean().item() - 0.1) < 0.005
-    assert torch.equal(keep, FU.dropout_mask((256, 256), 0.1, 1))
-    assert not torch.equal(keep, FU.dropout_mask((256, 256), 0.1, 2))
+    assert torch.equal(keep, DR.dropout_mask((256, 256), 0.1, 1))
+    assert not torch.equal(keep, DR.dropout_mask((256, 256), 0.1, 2))
 
 
 def test_saved_activations_are_compact() -> None:
@@ -215,7 +217,7 @@ def test_bf16_autocast_input_grad_matches_plain(p: float, fold: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(9)
         out_f, g_f = _grads(layer, params, x)
-        drop = MaskDropout(_mask_for(9, tuple(x.shape), p), FU.keep_scale(p)) if p else None
+        drop = MaskDropout(_mask_for(9, tuple(x.shape), p), DR.keep_scale(p)) if p else None
         out_p, g_p = _grads(_plain(layer, drop), params, x)
     assert out_f.dtype == torch.bfloat16 and g_f[-1] is not None and g_f[-1].dtype == torch.float32
     torch.testing.assert_close(out_f.float(), out_p.float(), rtol=2e-2, atol=5e-2)
@@ -237,9 +239,9 @@ def test_drop_probability_near_one_takes_the_plain_path() -> None:
 
 
 def test_float_mask_equals_bool_mask() -> None:
-    keep = FU.dropout_mask((33, 7), 0.2, 5)
-    assert torch.equal(FU.dropout_mask((33, 7), 0.2, 5, dtype=torch.float32), keep.float())
-    assert torch.equal(FU.dropout_mask((33, 7), 0.2, 5, dtype=torch.bfloat16), keep.bfloat16())
+    keep = DR.dropout_mask((33, 7), 0.2, 5)
+    assert torch.equal(DR.dropout_mask((33, 7), 0.2, 5, dtype=torch.float32), keep.float())
+    assert torch.equal(DR.dropout_mask((33, 7), 0.2, 5, dtype=torch.bfloat16), keep.bfloat16())
 
 
 def test_bf16_base_without_autocast_falls_back() -> None:
@@ -266,11 +268,11 @@ def test_gradient_checkpointing(p: float, fold: bool) -> None:
     out_e, g_e = _grads(run, params, x)
     with FU.disabled():  # the plain path with the same masks
         torch.manual_seed(11)
-        k0 = FU.dropout_mask((N, D_IN), p, FU.draw_seed())
-        k1 = FU.dropout_mask((N, D_IN), p, FU.draw_seed())
+        k0 = DR.dropout_mask((N, D_IN), p, DR.draw_seed())
+        k1 = DR.dropout_mask((N, D_IN), p, DR.draw_seed())
         saved = [m.lora_dropout for m in layers]
-        layers[0].lora_dropout, layers[1].lora_dropout = (MaskDropout(k0, FU.keep_scale(p)),
-                                                          MaskDropout(k1, FU.keep_scale(p)))
+        layers[0].lora_dropout, layers[1].lora_dropout = (MaskDropout(k0, DR.keep_scale(p)),
+                                                          MaskDropout(k1, DR.keep_scale(p)))
         try:
             out_p, g_p = _grads(run, params, x)
         finally:
@@ -334,14 +336,14 @@ def test_torch_compile_fullgraph_dropout() -> None:
 
 def test_fold_is_chosen_by_size_and_only_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     """W' = W + s B A is built when the rows outnumber the widths enough, never with dropout."""
-    assert FU.fold_pays(4096, 768, 768) and not FU.fold_pays(512, 576, 1536) and not FU.fold_pays(1, 768, 768)
+    assert FK.fold_pays(4096, 768, 768) and not FK.fold_pays(512, 576, 1536) and not FK.fold_pays(1, 768, 768)
     calls: list[tuple[int, ...]] = []
-    real = FU.folded_weight
+    real = FK.folded_weight
 
     def spy(w: Tensor, *a: object) -> Tensor:
         calls.append(tuple(w.shape))
         return real(w, *a)
-    monkeypatch.setattr(FU, "folded_weight", spy)
+    monkeypatch.setattr(FK, "folded_weight", spy)
     for p, n, expect in [(0.0, 16 * D_OUT, 2), (0.0, 2, 0), (0.3, 16 * D_OUT, 0)]:
         calls.clear()
         layer = _layer(p=p)
@@ -357,7 +359,7 @@ def test_fold_is_chosen_by_size_and_only_without_dropout(monkeypatch: pytest.Mon
 
 def test_fold_saves_no_weight_sized_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     """The folded weight is rebuilt in backward, not kept: saved activations are x and (N, r)."""
-    monkeypatch.setattr(FU, "FOLD_ROWS_FACTOR", 0.0)
+    monkeypatch.setattr(FK, "FOLD_ROWS_FACTOR", 0.0)
     layer = _layer()
     layer.weight.requires_grad_(False)
     x = torch.randn(64, D_IN, requires_grad=True)

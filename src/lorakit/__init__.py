@@ -13,9 +13,12 @@ from . import errors, functional
 from .adapters import (
     active_adapters,
     add_adapter,
+    batch_adapters,
     delete_adapter,
     disable_adapters,
     list_adapters,
+    load_adapter,
+    save_adapter,
     set_adapter,
     use_adapter,
 )
@@ -35,23 +38,22 @@ from .errors import (
     UnknownAdapterError,
     UnsupportedModuleError,
 )
-from .formats import load_adapter, load_loralib_checkpoint, read_adapter, save_adapter
+from .formats import load_loralib_checkpoint, read_adapter
 from .inject import Plan, inject, lora_layers, plan, register_layer, unwrap
 from .layers import (
-                       Conv1d,
-                       Conv2d,
-                       Conv3d,
+    Conv1d,
+    Conv2d,
+    Conv3d,
     ConvLoRA,
     Embedding,
     Linear,
-                       LoraConv1d,
-                       LoraConv2d,
-                       LoraConv3d,
+    LoraConv1d,
+    LoraConv2d,
+    LoraConv3d,
     LoraLayer,
     MergedLinear,
 )
 from .merge import merge, merge_and_unload, unmerge
-from .mixed import batch_adapters
 from .state import ParamCount, lora_state_dict, mark_only_lora_as_trainable, trainable_parameters
 
 __version__ = "0.1.0"

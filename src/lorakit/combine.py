@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .adapters import _check_known, _check_new_name, _commit, _new_slot, _registry, _slots, _Staged
+from .adapters.manage import _commit, _new_slot, _Staged
+from .adapters.registry import _check_known, _check_new_name, _registry, _slots
 from .config import LoraConfig
 from .errors import AdapterMismatchError, LoraConfigError, UnsupportedModuleError
 from .inject import LayerSpec

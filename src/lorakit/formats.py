@@ -127,17 +127,11 @@ def adapter_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, Tenso
     return tensors, peft
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoraConfig | None = None,
-                 base_model_name: str | None = None, *, name: str | None = None) -> Path:
-    """Write the model's adapter as a PEFT directory, atomically (a crash leaves the old one intact).
-
-    ``name`` picks one of several adapters (:mod:`lorakit.adapters`); default: the active one.
+def save_adapter_dir(model: nn.Module, path: str | os.PathLike, config: LoraConfig | None = None,
+                     base_model_name: str | None = None) -> Path:
+    """Write the model's current adapter (the layers' ``lora_A`` / ``lora_B``) as a PEFT directory,
+    atomically (a crash leaves the old one intact). Names are :func:`lorakit.save_adapter`'s concern.
     """
-    reg = model.__dict__.get("_lorakit_registry")
-    if name is not None or (reg is not None and tuple(reg.active) != ("default",)):
-        from .adapters import save_named_adapter
-
-        return save_named_adapter(model, path, name=name, base_model_name=base_model_name)
     config = config or _model_config(model)
     tensors, peft = adapter_state(model, config)
     peft["base_model_name_or_path"] = base_model_name
@@ -229,21 +223,11 @@ def _split_key(key: str) -> tuple[str, str]:
     return k, ""
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
-                 _core: bool = False) -> nn.Module:
-    """Load a PEFT or lorakit adapter directory into ``model``, injecting LoRA as needed.
-
-    Everything is validated (modules exist, shapes and ranks fit, no unexpected keys) before the
-    model is touched; every problem is reported at once. ``name`` loads it as a further named
-    adapter (:mod:`lorakit.adapters`) instead of the first, "default" one. A ``.pt`` / ``.pth``
-    file is read as a loralib checkpoint (:func:`load_loralib_checkpoint`).
-    """
-    if name is None and Path(path).suffix in (".pt", ".pth") and Path(path).is_file():
-        return load_loralib_checkpoint(model, path)
-    if not _core and (name is not None or "_lorakit_registry" in model.__dict__):
-        from .adapters import load_named_adapter
-
-        return load_named_adapter(model, path, name=name)
+def load_adapter_dir(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT or lorakit adapter directory into ``model`` as its first ("default") adapter,
+    injecting LoRA as needed. Everything is validated (modules exist, shapes and ranks fit, no
+    unexpected keys) before the model is touched; every problem is reported at once. Named
+    adapters and loralib ``.pt`` files: :func:`lorakit.load_adapter`."""
     config, tensors = read_adapter(path)
     per_module: dict[str, dict[str, Tensor]] = {}
     extras: dict[str, Tensor] = {}

@@ -7,7 +7,7 @@
     model.generate(input_ids, adapter_names=["sql", "chat", "base", "sql"])
 
 The per-layer math (stacked A/B, per-row weights or rows grouped by adapter, batched matmuls) is in
-:mod:`lorakit.batched`. For the duration of a block every LoRA layer carrying one of the batch's
+:mod:`lorakit.adapters.batched`. For the duration of a block every LoRA layer carrying one of the batch's
 adapters gets an instance-level ``forward`` (no forward hook: ``nn.Module.__call__`` keeps its fast
 path, and :mod:`lorakit.layers` is untouched) that runs the layer's own base forward and adds each
 row's update; the class forward is back after the block. Linear, MergedLinear (fused qkv) and
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import _ABSENT, BASE, Slot, _check_known, _Registry, _registry, _slots
+from ..errors import MixedBatchError
+from ..layers import Embedding, LoraLayer, MergedLinear
+from ..layers import Linear as LoraLinear
 from .batched import RowPlan, build_stacks, merged_dense_B, mixed_embedding_delta, mixed_linear_delta, plan_rows
-from .errors import MixedBatchError
-from .layers import Embedding, LoraLayer, MergedLinear
-from .layers import Linear as LoraLinear
+from .registry import _ABSENT, BASE, Slot, _check_known, _Registry, _registry, _slots
 
 __all__ = ["batch_adapters"]
 
@@ -207,7 +207,7 @@ class _MixedBatch:
 def batch_adapters(model: nn.Module, names_per_row: Sequence[str]) -> Iterator[None]:
     """Run the block with row ``i`` of every batch using adapter ``names_per_row[i]`` ("base": none).
 
-    One forward, batched matmuls (see :mod:`lorakit.batched`); works for training (each adapter
+    One forward, batched matmuls (see :mod:`lorakit.adapters.batched`); works for training (each adapter
     gets gradients from its own rows only) and inside ``model.generate`` (rows repeated for beams).
     Linear, MergedLinear (fused qkv) and Embedding LoRA layers take part; a convolution carrying one
     of the named adapters raises :class:`~lorakit.errors.MixedBatchError`. Merged layers are

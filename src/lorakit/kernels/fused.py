@@ -22,22 +22,22 @@ What it saves over the plain composition in :mod:`lorakit.functional` (the refer
   mask from the group's seed.
 * Gradients are computed only where ``needs_input_grad`` says so: a frozen base weight gets no
   weight gradient, the input gets one only when it requires grad.
-* The dropout mask is a counter-based hash of ``(seed, element index)`` (:mod:`lorakit.dropout_kernel`;
+* The dropout mask is a counter-based hash of ``(seed, element index)`` (:mod:`lorakit.kernels.dropout`;
   ``p`` quantised to 1/65536, the keep-scale uses the quantised ``p`` so the estimator stays
   unbiased). No mask tensor exists: on CPU one C++ pass writes the masked input in forward and
   another zeroes the dropped input-gradient elements in backward (torch integer ops compute the
   identical mask where the kernel is unavailable).
 * The rank-r products (``x Aᵀ``, ``g Bᵀ``, ``gᵀ (x Aᵀ)``, ``(g B)ᵀ x``) run in
-  :mod:`lorakit.cpu_kernels` when their wide operand no longer fits the caches
+  :mod:`lorakit.kernels.cpu` when their wide operand no longer fits the caches
   (:data:`SKINNY_MIN_ELEMENTS`, float32 CPU; the weight-gradient products ``Gᵀ T`` from the much
   smaller :data:`GRAD_PRODUCT_MIN_ELEMENTS`): MKL runs these skinny shapes well below memory
   bandwidth.
 * Without autograd (inference) nothing is saved and no Function runs. For token-by-token decoding
   (≤ :data:`KERNEL_ROWS` rows, CPU, float32) the whole layer, base GEMV and low-rank update, is one
-  call of the C++ ``linear_rows`` (:mod:`lorakit.cpu_kernels`) instead of four BLAS calls and an
+  call of the C++ ``linear_rows`` (:mod:`lorakit.kernels.cpu`) instead of four BLAS calls and an
   add; merged layers decode through the same kernel (:func:`merged_linear`).
 
-When the fused path is used (:func:`fused_eligible`): the layer is active, ``lorakit.fused`` is
+When the fused path is used (:func:`fused_eligible`): the layer is active, the fast path is
 enabled (:func:`set_enabled`, :func:`disabled`) and the layer's ``lora_fused`` attribute is not
 False, its dropout is an ``nn.Dropout`` or ``nn.Identity``, the input is floating point, and the
 dtypes line up (input, base weight and adapter share one dtype, or autocast is on for the input's
@@ -51,120 +51,22 @@ same Function, traced without graph breaks.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
-import weakref
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import cpu_kernels as CK
-from . import dropout_kernel as DK
+from . import cpu as CK
+from . import dropout as DK
+from .dropout import _DropGroup, keep_scale
 
 Slices = tuple[tuple[int, int], ...]
 
-_LEVELS = DK.LEVELS
-_state: dict[str, Any] = {"enabled": True}
-
-
-# --- switches ------------------------------------------------------------------------------------
-def set_enabled(flag: bool) -> None:
-    """Turn the fused path on or off globally (layers then use :mod:`lorakit.functional`)."""
-    _state["enabled"] = bool(flag)
-
-
-def is_enabled() -> bool:
-    """Whether layers may use the fused path."""
-    return bool(_state["enabled"])
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Context manager: run LoRA layers on the plain reference path inside the block."""
-    old = _state["enabled"]
-    _state["enabled"] = False
-    try:
-        yield
-    finally:
-        _state["enabled"] = old
-
-
-# --- dropout masks ------------------------------------------------------------------------------
-def keep_threshold(p: float) -> int:
-    """Elements whose 16-bit hash lane is below this are dropped."""
-    return DK.threshold(p)
-
-
-def keep_scale(p: float) -> float:
-    """``1 / P(keep)`` for the quantised drop probability (unbiased inverted dropout)."""
-    return _LEVELS / (_LEVELS - keep_threshold(p))
-
-
-def draw_seed() -> int:
-    """A 32-bit seed for one dropout mask, drawn from torch's default CPU generator (so
-    ``manual_seed`` and activation checkpointing's RNG-state replay reproduce it)."""
-    return int(torch.randint(0, 1 << 32, (1,)).item())
-
-
-def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.bool) -> Tensor:
-    """The keep mask (``shape``, row-major element order) the fused path applies for ``seed``:
-    as bool, or as 0/1 values of ``dtype``. The fused path itself never builds it."""
-    keep = DK.keep_mask(math.prod(shape), seed, p, device).view(tuple(shape))
-    return keep if dtype == torch.bool else keep.to(dtype)
-
-
-class _DropGroup:
-    """One dropout mask (a seed) shared by every projection that reads the same input tensor.
-
-    ``masked`` is the input times the keep mask, made once and reused by the forward members while
-    the group is the cache's current entry; backward members zero their input gradients' dropped
-    elements from the seed.
-    """
-
-    __slots__ = ("seed", "p", "ref", "version", "masked", "users", "__weakref__")
-
-    def __init__(self, x: Tensor, p: float) -> None:
-        self.seed = draw_seed()
-        self.p = p
-        self.ref = weakref.ref(x)
-        self.version = x._version
-        with torch.no_grad():  # a constant of the graph, never differentiated through
-            self.masked: Tensor | None = DK.masked(x, self.seed, p)
-        self.users: set[int] = set()  # adapters (id of A) that already drew from this mask
-
-    def matches(self, x: Tensor, p: float, user: int) -> bool:
-        return (self.ref() is x and self.version == x._version and self.p == p and self.masked is not None
-                and user not in self.users)
-
-    def release(self) -> None:
-        self.masked = None
-
-
-_current: list[_DropGroup | None] = [None]
-
-
-def _group_for(x: Tensor, p: float, user: int) -> _DropGroup:
-    """The current group when ``x`` is the tensor it was made for and ``user`` (a layer's adapter)
-    has not drawn from it yet, else a new one (frees the old): siblings share a mask, a second
-    forward of the same layer on the same tensor gets a fresh one."""
-    g = _current[0]
-    if g is not None and g.matches(x, p, user):
-        g.users.add(user)
-        return g
-    if g is not None:
-        g.release()  # its forward siblings are done; backward regenerates from the seed
-    g = _DropGroup(x, p)
-    g.users.add(user)
-    _current[0] = g
-    return g
 
 
 # --- skinny products ------------------------------------------------------------------------------
-#: The rank-r products of the training step go to :mod:`lorakit.cpu_kernels` (float32 CPU) when the
+#: The rank-r products of the training step go to :mod:`lorakit.kernels.cpu` (float32 CPU) when the
 #: wide operand has at least this many elements, i.e. no longer fits the caches: there MKL runs
 #: them at a third of memory bandwidth, below it MKL is as fast or faster (SmolLM2's 512-row
 #: steps). ``0`` always uses the kernels (tests), ``inf`` never.
@@ -398,217 +300,3 @@ def folded_weight(w: Tensor, A: Tensor, Bs: Tensor, slices: Slices, alpha: float
         row += o1 - o0
     return wf
 
-
-# --- entry points -------------------------------------------------------------------------------
-def _dropout_p(dropout: nn.Module | None) -> float | None:
-    """The active drop probability, or None when the module is not one the fused path understands."""
-    if dropout is None or isinstance(dropout, nn.Identity):
-        return 0.0
-    if type(dropout) is nn.Dropout:
-        if not dropout.training:
-            return 0.0
-        p = float(dropout.p)  # p so close to 1 that the 16-bit mask drops everything: the plain path
-        return p if keep_threshold(p) < _LEVELS else None
-    return None
-
-
-def _eligible_p(x: Tensor, weight: Tensor, A: Tensor, dropout: nn.Module | None) -> float | None:
-    """The drop probability when the fused path reproduces the plain one for these inputs, else None."""
-    if not _state["enabled"] or not x.is_floating_point():
-        return None
-    p = _dropout_p(dropout)
-    if p is None or torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype == A.dtype:
-        return p
-    return None
-
-
-def _needs_graph(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
-                                        or weight.requires_grad or (bias is not None and bias.requires_grad))
-
-
-def fused_eligible(x: Tensor, weight: Tensor, A: Tensor, dropout: nn.Module | None) -> bool:
-    """Whether :func:`lora_linear` reproduces :func:`lorakit.functional.lora_linear` for these inputs."""
-    return _eligible_p(x, weight, A, dropout) is not None
-
-
-def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-                   dropout: nn.Module | None, fan_in_fan_out: bool, slices: Slices | None) -> Tensor | None:
-    """The layers' entry: :func:`lora_linear` when :func:`fused_eligible`, else None (plain path).
-
-    Each check runs once (this runs once per adapted projection per forward, and in token-by-token
-    decoding its overhead is what LoRA costs); a plain Linear without autocast gets the fewest ops.
-    """
-    if not torch.is_grad_enabled() and slices is None and _state["enabled"]:
-        # no_grad / inference_mode (decoding): the general checks below, specialised (~2x less Python)
-        td = type(dropout)
-        if dropout is None or td is nn.Identity or (td is nn.Dropout and not dropout.training):
-            if x.dtype == weight.dtype == A.dtype and x.is_floating_point() \
-                    and not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
-                return _inference_linear(x, weight.transpose(0, 1) if fan_in_fan_out else weight, bias, A, B,
-                                         scaling)
-    p = _eligible_p(x, weight, A, dropout)
-    if p is None:
-        return None
-    needs_graph = _needs_graph(x, weight, bias, A, B)
-    if p == 0.0 and not needs_graph and slices is None and not torch.is_autocast_enabled(x.device.type):
-        return _inference_linear(x, weight.transpose(0, 1) if fan_in_fan_out else weight, bias, A, B, scaling)
-    return _lora_linear(x, weight, bias, A, B, scaling, p, needs_graph, fan_in_fan_out, slices)
-
-
-def _inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                      scaling: float) -> Tensor:
-    """:func:`_inference` for one (out, in) weight without autocast: the fewest ops."""
-    in_f = x.shape[-1]
-    n = x.numel() // in_f if in_f else 0
-    ext = _cpu_ext(x) if n <= KERNEL_ROWS else None
-    if ext is not None:
-        # decoding: the whole layer in one C++ call (base GEMV and s (x A^T) B^T); where it does not
-        # take these tensors, the base GEMV and the low-rank kernel, else four ATen calls
-        out = ext.linear_rows(x, weight, bias, A, B, scaling)
-        if out is not None:
-            return out
-        out = F.linear(x, weight, bias)
-        if ext.lora_add_(out, x, A, B, scaling):
-            return out
-        return out.add_(F.linear(F.linear(x, A), B), alpha=scaling)
-    if n < _SMALL_ROWS:  # few rows: three GEMM calls, no views (their dispatch is the cost here)
-        return F.linear(x, weight, bias).add_(F.linear(F.linear(x, A), B), alpha=scaling)
-    out_f = weight.shape[0]
-    if fold_pays(n, in_f, out_f):
-        return F.linear(x, folded_weight(weight, A, B, ((0, out_f),), scaling), bias)
-    out = F.linear(x, weight, bias)
-    out.view(-1, out_f).addmm_(F.linear(x.reshape(-1, in_f), A), B.transpose(0, 1), alpha=scaling)
-    return out
-
-
-#: Up to this many rows (token-by-token decoding) the no-grad float32 forward on CPU runs the whole
-#: layer in :mod:`lorakit.cpu_kernels`' ``linear_rows`` (fused qkv: its base, then ``lora_add_`` per
-#: slice). With SmolLM2's weights coming from DRAM the unmerged layer then costs 0.79-0.82x the base
-#: ``F.linear`` for one row and 0.77-0.87x for four, but 1.12x for eight and 1.5x for sixteen, where
-#: MKL's GEMM reuses each weight load across rows (``python -m benchmarks.micro_decode --cold``).
-KERNEL_ROWS = 4
-
-#: Below this many rows the no-grad forward adds ``s (x A^T) B^T`` through a temporary instead of
-#: ``addmm_`` into a 2-d view: the (rows, out) temporary is cheaper than the extra view calls.
-_SMALL_ROWS = 64
-
-
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-                dropout: nn.Module | None = None, fan_in_fan_out: bool = False,
-                slices: Slices | None = None) -> Tensor:
-    """Fused ``x W^T + b + scaling * dropout(x) A^T B^T`` (``slices``: output ranges with LoRA).
-
-    Callers check :func:`fused_eligible` first. Without autograd (inference, ``no_grad``) it runs
-    the same in-place arithmetic directly.
-    """
-    return _lora_linear(x, weight, bias, A, B, scaling, _dropout_p(dropout) or 0.0,
-                        _needs_graph(x, weight, bias, A, B), fan_in_fan_out, slices)
-
-
-def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float, p: float,
-                 needs_graph: bool, fan_in_fan_out: bool, slices: Slices | None) -> Tensor:
-    """:func:`lora_linear` with the drop probability and the need for autograd already known."""
-    if slices is None:
-        slices = ((0, weight.shape[1] if fan_in_fan_out else weight.shape[0]),)
-    if not needs_graph and p == 0.0:
-        return _inference(x, weight, bias, A, B, scaling, slices, fan_in_fan_out)
-    keep: Tensor | None = None
-    group: _DropGroup | None = None
-    if p > 0.0:
-        if torch.compiler.is_compiling():
-            keep = torch.rand_like(x, dtype=torch.float32) >= keep_threshold(p) / _LEVELS
-        else:
-            group = _group_for(x, p, id(A))
-    if not needs_graph:
-        with torch.no_grad():
-            return FusedLoraLinear.forward(_NoCtx(), x, weight, bias, A, B, keep, scaling, p, slices,
-                                           fan_in_fan_out, group)
-    return FusedLoraLinear.apply(x, weight, bias, A, B, keep, scaling, p, slices, fan_in_fan_out, group)
-
-
-class _NoCtx:
-    """Stand-in ``ctx`` for running the forward without autograd."""
-
-    needs_input_grad = (False,) * 11
-
-    def save_for_backward(self, *tensors: Any) -> None:
-        pass
-
-
-def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-               slices: Slices, fan_in_fan_out: bool) -> Tensor:
-    """No-autograd forward: base linear with the folded weight when enough rows share it, else the
-    base linear plus an ``addmm_`` (scaling as its ``alpha``) of each slice's low-rank product.
-    Few ops on purpose: in token-by-token generation each op's dispatch cost is the overhead."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        with torch.autocast(dev, enabled=False):
-            cdt = torch.get_autocast_dtype(dev)
-            return _inference(x.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt),
-                              A.to(cdt), B.to(cdt), scaling, slices, fan_in_fan_out)
-    w = weight.transpose(0, 1) if fan_in_fan_out else weight  # (out, in)
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    if fold_pays(x2.shape[0], w.shape[1], w.shape[0]):
-        out2 = F.linear(x2, folded_weight(w, A, B * scaling, slices), bias)
-        return out2.view(*x.shape[:-1], out2.shape[-1])
-    ext = _cpu_ext(x2) if x2.shape[0] <= KERNEL_ROWS else None  # decoding: C++ base, one call per slice
-    out2 = _base_rows(ext, x2, w, bias)  # (N, in) -> (N, out)
-    if ext is not None and _kernel_slices(ext, out2, x2, A, B, scaling, slices):
-        return out2.view(*x.shape[:-1], out2.shape[-1])
-    t = F.linear(x2, A)  # (N, in) -> (N, r*k)
-    if len(slices) == 1:
-        o0, o1 = slices[0]
-        (out2 if o1 - o0 == out2.shape[1] else out2[:, o0:o1]).addmm_(t, B.transpose(0, 1), alpha=scaling)
-    else:
-        r = A.shape[0] // len(slices)
-        row = 0
-        for j, (o0, o1) in enumerate(slices):  # (N, r) @ (r, rows), scaled, added in place
-            Bj = B[row:row + o1 - o0].transpose(0, 1)  # (r, rows)
-            out2[:, o0:o1].addmm_(t[:, j * r:(j + 1) * r], Bj, alpha=scaling)
-            row += o1 - o0
-    return out2.view(*x.shape[:-1], out2.shape[-1])
-
-
-def _base_rows(ext: Any | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias)``, by the C++ decode kernel where ``ext`` is given and takes the tensors."""
-    if ext is not None:
-        out = ext.linear_rows(x, weight, bias, None, None, 0.0)
-        if out is not None:
-            return out
-    return F.linear(x, weight, bias)
-
-
-def merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A merged layer's ``F.linear(x, weight, bias)``: token-by-token decoding (no autograd, float32
-    CPU, ≤ :data:`KERNEL_ROWS` rows, no autocast) runs the C++ decode kernel, as the unmerged
-    layer does, so merging never makes decoding slower; everything else is ``F.linear``."""
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or not _state["enabled"] or not x.dim():
-        return F.linear(x, weight, bias)
-    in_f = x.shape[-1]
-    if not in_f or x.numel() > KERNEL_ROWS * in_f or torch.is_autocast_enabled("cpu"):
-        return F.linear(x, weight, bias)
-    return _base_rows(_cpu_ext(x), x, weight, bias)
-
-
-def _kernel_slices(ext: Any, out2: Tensor, x2: Tensor, A: Tensor, B: Tensor, scaling: float,
-                   slices: Slices) -> bool:
-    """``out2[:, slice] += s (x2 A_jᵀ) B_jᵀ`` for every slice by the C++ kernel; False (nothing written)
-    when it does not take these tensors."""
-    r = A.shape[0] // len(slices)
-    row = 0
-    for j, (o0, o1) in enumerate(slices):
-        Aj, Bj, oj = A[j * r:(j + 1) * r], B[row:row + o1 - o0], out2[:, o0:o1]
-        if not ext.lora_add_(oj, x2, Aj, Bj, scaling):
-            if j == 0:  # the slices share dtypes and layouts: a refusal comes at the first
-                return False
-            oj.addmm_(F.linear(x2, Aj), Bj.transpose(0, 1), alpha=scaling)
-        row += o1 - o0
-    return True
-
-
-@functools.lru_cache(maxsize=256)
-def merged_slices(enable: tuple[bool, ...], out_features: int) -> Slices:
-    """Output column ranges of the enabled slices of a fused projection."""
-    rows = out_features // len(enable)
-    return tuple((i * rows, (i + 1) * rows) for i, e in enumerate(enable) if e)

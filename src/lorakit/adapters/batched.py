@@ -30,7 +30,7 @@ the slot) and multiplies by the per-row ``B`` (:func:`mixed_embedding_delta`).
 
 Without autograd the result is added to the base output in place. In grad mode the stacks are
 built from the Parameters in every forward, so autograd sends each row's gradient to its own
-adapter only; without grad :mod:`lorakit.mixed` caches them per adapter set and layer.
+adapter only; without grad :mod:`lorakit.adapters.mixed` caches them per adapter set and layer.
 """
 
 from __future__ import annotations
