@@ -257,3 +257,23 @@ def test_metrics_text(http: Any) -> None:
         assert name in text
     assert _metric(http, "lorakit_adapters_resident") <= 2
     assert json.loads(http.get("/health").text)["status"] == "ok"
+
+
+def test_drain_refuses_new_requests_and_finishes_running(client: Any, http: Any, server: Any,
+                                                         slow_engine: None) -> None:
+    engine = server.state.engine
+    stream = client.completions.create(model="b", prompt="finish me", max_tokens=30, temperature=0, stream=True)
+    it = iter(stream)
+    first = next(it)
+    engine.begin_drain()
+    try:
+        r = http.post("/v1/completions", json={"model": "b", "prompt": "late", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["code"] == "shutting_down"
+        assert http.get("/health").status_code == 503
+        rest = list(it)
+        assert rest[-1].choices[0].finish_reason == "length"
+        text = first.choices[0].text + "".join(p.choices[0].text for p in rest)
+    finally:
+        engine.accepting = True
+    assert text == client.completions.create(model="b", prompt="finish me", max_tokens=30,
+                                             temperature=0).choices[0].text

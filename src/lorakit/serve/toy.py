@@ -48,7 +48,7 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, context: int = 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=hidden,
-                       intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(seed)
