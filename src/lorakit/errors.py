@@ -53,3 +53,20 @@ class ActiveAdapterError(LoraError, ValueError):
 
 class MixedBatchError(LoraError, ValueError):
     """A mixed-adapter batch does not fit: per-row names and batch size differ, or a layer can't do it."""
+
+
+class ArgumentTypeError(LoraError, TypeError):
+    """A public function got an argument of the wrong kind (e.g. a path that is not a str / PathLike)."""
+
+
+class NotAModuleError(ArgumentTypeError):
+    """A function that takes a model got something that is not an ``nn.Module`` instance."""
+
+
+class NonFiniteTensorError(AdapterFormatError):
+    """Weights being read hold NaN or inf (the message names each tensor; ``allow_nonfinite=True`` opts out)."""
+
+
+class OutputPathError(LoraError, FileExistsError):
+    """An output path exists as the wrong kind (a file where a directory goes, or the reverse, or a file
+    among its parents); nothing was written."""
