@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import OutputPathError
+
 
 def fsync_dir(path: Path) -> None:
     """Persist a directory entry (a rename); a no-op where directories cannot be opened."""
@@ -43,9 +45,20 @@ def output_problem(path: str | os.PathLike[str], kind: str) -> str | None:
     return None
 
 
+def check_output(path: str | os.PathLike[str], kind: str) -> Path:
+    """``path`` as a Path; :class:`~lorakit.errors.OutputPathError` if :func:`output_problem` objects."""
+    problem = output_problem(path, kind)
+    if problem:
+        raise OutputPathError(problem)
+    return Path(path)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], mode: str = "wb") -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, rename it onto ``path``."""
-    p = Path(path)
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, rename it onto ``path``.
+
+    A directory at ``path`` (or a file among its parents) raises :class:`OutputPathError` first.
+    """
+    p = check_output(path, "file")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
     os.close(fd)
@@ -62,8 +75,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], 
 
 
 def atomic_dir(final: str | os.PathLike[str], fill: Callable[[Path], Any]) -> None:
-    """Build a directory under a temporary name with ``fill(tmp)``, fsync every file, swap it in."""
-    final = Path(final)
+    """Build a directory under a temporary name with ``fill(tmp)``, fsync every file, swap it in.
+
+    An existing directory is replaced; an existing regular file (or a file among the parents) raises
+    :class:`OutputPathError` before anything is written.
+    """
+    final = check_output(final, "directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
