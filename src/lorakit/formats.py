@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .atomic import atomic_dir
+from .checks import check_finite, require_path, takes_model
 from .config import LoraConfig
 from .errors import (
     AdapterFormatError,
@@ -158,9 +159,13 @@ def _model_config(model: nn.Module) -> LoraConfig:
 
 
 # --- read -----------------------------------------------------------------------------------------
-def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
-    """Read and validate an adapter directory: its config and tensors (PEFT keys)."""
-    path = Path(path)
+def read_adapter(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Read and validate an adapter directory: its config and tensors (PEFT keys).
+
+    Tensors holding NaN or inf raise :class:`~lorakit.errors.NonFiniteTensorError` naming each
+    one, unless ``allow_nonfinite=True``.
+    """
+    path = require_path(path, "read_adapter", "the adapter directory")
     if not path.exists():
         raise AdapterNotFoundError(f"adapter path {str(path)!r} does not exist")
     if path.is_file():
@@ -186,6 +191,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]
             config = LoraConfig.from_json(meta["lorakit_config"])
     except LoraConfigError as e:
         raise AdapterFormatError(f"{cfg_path}: {e}") from None
+    if not allow_nonfinite:
+        check_finite(tensors, path)
     return config, tensors
 
 
@@ -223,12 +230,12 @@ def _split_key(key: str) -> tuple[str, str]:
     return k, ""
 
 
-def load_adapter_dir(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT or lorakit adapter directory into ``model`` as its first ("default") adapter,
     injecting LoRA as needed. Everything is validated (modules exist, shapes and ranks fit, no
-    unexpected keys) before the model is touched; every problem is reported at once. Named
-    adapters and loralib ``.pt`` files: :func:`lorakit.load_adapter`."""
-    config, tensors = read_adapter(path)
+    unexpected keys, finite values unless ``allow_nonfinite``) before the model is touched; every
+    problem is reported at once. Named adapters and loralib ``.pt`` files: :func:`lorakit.load_adapter`."""
+    config, tensors = read_adapter(path, allow_nonfinite=allow_nonfinite)
     per_module: dict[str, dict[str, Tensor]] = {}
     extras: dict[str, Tensor] = {}
     for key, t in tensors.items():
@@ -333,12 +340,14 @@ def _any_match(pattern: str, names: Mapping[str, int]) -> bool:
 
 
 # --- loralib checkpoints --------------------------------------------------------------------------
-def load_loralib_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+@takes_model
+def load_loralib_checkpoint(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
     """Load ``torch.save(loralib.lora_state_dict(model))`` safely (``weights_only=True``).
 
-    Keys must all exist in the model with the same shapes; nothing is changed otherwise.
+    Keys must all exist in the model with the same shapes, and values be finite unless
+    ``allow_nonfinite=True``; nothing is changed otherwise.
     """
-    path = Path(path)
+    path = require_path(path, "load_loralib_checkpoint", "the checkpoint path")
     if not path.is_file():
         raise AdapterNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -347,6 +356,8 @@ def load_loralib_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Mod
         raise AdapterFormatError(f"{path}: not a tensors-only torch checkpoint ({e})") from None
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise AdapterFormatError(f"{path}: expected a state dict of tensors")
+    if not allow_nonfinite:
+        check_finite(sd, path)
     own = model.state_dict()
     problems = [f"{k}: unexpected key" for k in sd if k not in own]
     problems += [f"{k}: shape {tuple(v.shape)} in the file, the model has {tuple(own[k].shape)}"

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import formats
+from ..checks import require_path, takes_model
 from ..config import LoraConfig
 from ..errors import (
     AdapterFormatError,
@@ -32,31 +33,39 @@ from .registry import DEFAULT, _check_known, _check_new_name, _pointed, _refresh
 __all__ = ["load_adapter", "load_named_adapter", "save_adapter", "save_named_adapter"]
 
 
+@takes_model
 def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoraConfig | None = None,
                  base_model_name: str | None = None, *, name: str | None = None) -> Path:
     """Write the model's adapter as a PEFT directory, atomically (a crash leaves the old one intact).
 
-    ``name`` picks one of several adapters (:mod:`lorakit.adapters`); default: the active one.
+    ``name`` picks one of several adapters (:mod:`lorakit.adapters`); default: the active one. An
+    existing directory at ``path`` is replaced; an existing regular file raises
+    :class:`~lorakit.errors.OutputPathError` and is left as it was.
     """
+    require_path(path, "save_adapter", "the adapter directory")
     reg = model.__dict__.get("_lorakit_registry")
     if name is not None or (reg is not None and tuple(reg.active) != (DEFAULT,)):
         return save_named_adapter(model, path, name=name, base_model_name=base_model_name)
     return formats.save_adapter_dir(model, path, config, base_model_name)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+@takes_model
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
+                 allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT or lorakit adapter directory into ``model``, injecting LoRA as needed.
 
-    Everything is validated (modules exist, shapes and ranks fit, no unexpected keys) before the
-    model is touched; every problem is reported at once. ``name`` loads it as a further named
-    adapter (:mod:`lorakit.adapters`) instead of the first, "default" one. A ``.pt`` / ``.pth``
-    file is read as a loralib checkpoint (:func:`lorakit.formats.load_loralib_checkpoint`).
+    Everything is validated (modules exist, shapes and ranks fit, no unexpected keys, no NaN or inf
+    unless ``allow_nonfinite=True``) before the model is touched; every problem is reported at once.
+    ``name`` loads it as a further named adapter (:mod:`lorakit.adapters`) instead of the first,
+    "default" one. A ``.pt`` / ``.pth`` file is read as a loralib checkpoint
+    (:func:`lorakit.formats.load_loralib_checkpoint`).
     """
-    if name is None and Path(path).suffix in (".pt", ".pth") and Path(path).is_file():
-        return formats.load_loralib_checkpoint(model, path)
+    p = require_path(path, "load_adapter", "the adapter path")
+    if name is None and p.suffix in (".pt", ".pth") and p.is_file():
+        return formats.load_loralib_checkpoint(model, path, allow_nonfinite=allow_nonfinite)
     if name is not None or "_lorakit_registry" in model.__dict__:
-        return load_named_adapter(model, path, name=name)
-    return formats.load_adapter_dir(model, path)
+        return load_named_adapter(model, path, name=name, allow_nonfinite=allow_nonfinite)
+    return formats.load_adapter_dir(model, path, allow_nonfinite=allow_nonfinite)
 
 
 # --- save / load ---------------------------------------------------------------------------------
@@ -73,7 +82,8 @@ def save_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | No
         return formats.save_adapter_dir(model, path, reg.configs[name], base_model_name)
 
 
-def load_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+def load_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
+                       allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT/lorakit adapter directory as adapter ``name`` (None or "default": the core's load).
 
     Every module, shape and dtype is checked before the model changes; a file written for a base
@@ -82,15 +92,15 @@ def load_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | No
     if name is None or name == DEFAULT:
         reg = model.__dict__.get("_lorakit_registry")
         if reg is None:
-            return formats.load_adapter_dir(model, path)
+            return formats.load_adapter_dir(model, path, allow_nonfinite=allow_nonfinite)
         with _pointed(reg, DEFAULT):
-            formats.load_adapter_dir(model, path)
+            formats.load_adapter_dir(model, path, allow_nonfinite=allow_nonfinite)
         reg.configs = model.__dict__["_lorakit_configs"]
         _refresh(model, reg)
         return model
     reg = _registry(model)
     _check_new_name(reg, name)
-    config, tensors = formats.read_adapter(path)
+    config, tensors = formats.read_adapter(path, allow_nonfinite=allow_nonfinite)
     per_module: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         mod, kind = formats._split_key(key)
