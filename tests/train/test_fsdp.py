@@ -193,3 +193,57 @@ def test_kill_a_rank_then_resume_on_one_rank(
     assert train_losses(out) == pytest.approx(train_losses(reference), rel=LOSS_REL)
     assert_same_adapter(reference, out)
     assert not torn.exists()
+
+
+# --- merged export as sharded safetensors ----------------------------------------------------------
+def test_streamed_export_loads_in_transformers_and_equals_merge_and_unload(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.train.sharded_export import export
+
+    torch.manual_seed(0)
+    base = _tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    lorakit.inject(base, lorakit.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(base):
+            layer.lora_B.normal_(0, 0.1)
+    lorakit.save_adapter(base, tmp_path / "adapter")
+    x = torch.randint(0, 64, (2, 7))
+    expected = lorakit.merge_and_unload(base).eval()(input_ids=x).logits
+
+    out = export(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", max_shard_size=20_000,
+                 config_updates={})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    from safetensors import safe_open
+
+    for f in files:  # each shard within the limit, unless it holds one tensor larger than the limit
+        with safe_open(str(out / f), "pt") as fh:
+            n = len(list(fh.keys()))
+        assert n == 1 or (out / f).stat().st_size <= 20_000 + 4096, f
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lorakit_merge_sharded_equals_plain_merge(tmp_path: Path, reference: Path, tiny_bert: Path) -> None:
+    """The trained run's adapter (LoRA + classifier head): streamed sharded export vs ``lorakit merge``."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.train.commands import run_merge
+    from lorakit.train.config import MergeConfig
+
+    common = {"adapter": str(reference / "adapter"), "model": str(tiny_bert)}
+    run_merge(MergeConfig.build({**common, "output": str(tmp_path / "plain")}))
+    run_merge(MergeConfig.build({**common, "output": str(tmp_path / "sharded"), "max_shard_size": "100KB"}))
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    x = torch.randint(0, 1000, (2, 9))
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").eval()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sharded").eval()
+    torch.testing.assert_close(b(input_ids=x).logits, a(input_ids=x).logits, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "sharded" / "tokenizer.json").is_file()

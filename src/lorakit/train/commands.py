@@ -15,6 +15,7 @@ from lorakit.train.data import eval_digest, get_task, load_task_data, read_e2e, 
 from lorakit.train.errors import TrainConfigError
 from lorakit.train.evaluate import decoding, evaluate, generate, score_e2e
 from lorakit.train.loop import use_bf16
+from lorakit.train.memory import PhasePeaks
 from lorakit.train.methods import load_head, read_meta
 from lorakit.train.models import load_model, load_tokenizer, resolve
 
@@ -58,26 +59,21 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     model.to(device)
     bf16 = use_bf16(cfg.precision, device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if spec.kind == "generation":
-        feats = encode_lm(data, tok, cfg.max_len)
-        res = evaluate(
-            model, spec, feats, pad_id=pad, batch_size=cfg.eval_batch_size, device=device, bf16=bf16
-        )
-        bleu, _ = score_e2e(
-            model,
-            tok,
-            data,
-            **decoding(cfg),
-            device=device,
-            bf16=bf16,
-            progress=True,
-        )
-        res.update(bleu)
-    else:
-        feats = encode_classification(data, tok, cfg.max_len)
-        res = evaluate(
-            model, spec, feats, pad_id=pad, batch_size=cfg.eval_batch_size, device=device, bf16=bf16
-        )
+    peaks = PhasePeaks("other", before="load")  # the model load's peak apart from scoring's
+    with peaks.phase("eval"):
+        if spec.kind == "generation":
+            feats = encode_lm(data, tok, cfg.max_len)
+            res = evaluate(
+                model, spec, feats, pad_id=pad, batch_size=cfg.eval_batch_size, device=device, bf16=bf16
+            )
+            scores, _ = score_e2e(model, tok, data, **decoding(cfg), device=device, bf16=bf16, progress=True)
+            res.update(scores)
+        else:
+            feats = encode_classification(data, tok, cfg.max_len)
+            res = evaluate(
+                model, spec, feats, pad_id=pad, batch_size=cfg.eval_batch_size, device=device, bf16=bf16
+            )
+    res.update(peaks.report())
     res = {"task": spec.name, "n": len(data), "eval_digest": eval_digest(data), **res}
     if cfg.output:
         text = json.dumps(res, indent=2)
@@ -135,6 +131,10 @@ def run_merge(cfg: MergeConfig) -> Path:
         raise TrainConfigError(f"--output: {problem}")
     if out.exists() and not cfg.overwrite:
         raise TrainConfigError(f"--output: {out} exists; pass --overwrite to replace it")
+    if cfg.max_shard_size:  # streamed into sharded safetensors, never building the model
+        from lorakit.train.sharded_export import export_task
+
+        return export_task(model_name, spec, cfg)
     model, tok = load_for_task(model_name, spec.kind, spec.num_labels, cfg.adapter)
     merged = lorakit.merge_and_unload(model)
 

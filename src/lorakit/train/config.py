@@ -200,6 +200,12 @@ class DecodeOptions(BaseConfig):
     length_penalty: float = opt(0.8, "beam-search length penalty")
     no_repeat_ngram_size: int = opt(4, "forbid repeating n-grams of this size in generations (0 = off)", lo=0)
     max_new_tokens: int = opt(64, "maximum generated tokens per input", lo=1)
+    gen_memory_mb: float = opt(
+        1024.0,
+        "memory budget (MiB) of one generation batch's KV cache and logits: fewer prompts per batch "
+        "than --eval-batch-size where they would not fit (0 = no limit)",
+        lo=0.0,
+    )
 
 
 @dataclass
@@ -368,6 +374,10 @@ class MergeConfig(BaseConfig):
     model: str | None = opt(None, "base model preset/directory (default: the one recorded by lorakit train)")
     task: str | None = opt(None, "task of the adapter (default: the one recorded by lorakit train)")
     overwrite: bool = opt(False, "replace --output if it exists")
+    max_shard_size: str | None = opt(
+        None, "write sharded safetensors of at most this size (e.g. 2GB) + index, streaming the base tensor by "
+        "tensor without building the model (for bases trained with --fsdp)"
+    )
 
     def validate(self) -> None:
         super().validate()
