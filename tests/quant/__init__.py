@@ -1,0 +1,1 @@
+"""Tests of lorakit.quant (quantized frozen bases, bitsandbytes)."""

@@ -1,0 +1,69 @@
+"""Shared fixtures of the quantized-base tests: skip cleanly without bitsandbytes, a pure-torch
+reference dequantizer (independent of bitsandbytes' kernels), toy models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: pip install 'lorakit[quant]'")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def reference_dequantize(module: nn.Module) -> torch.Tensor:
+    """W from a bitsandbytes layer's stored tensors with plain torch ops (fp32, (out, in)).
+
+    4-bit: byte j holds elements 2j (high nibble) and 2j+1 (low nibble) of the flattened weight;
+    element i is ``code[nibble] * absmax[i // blocksize]``; with double quantization the absmaxes
+    are ``code2[q] * absmax2[b // 256] + offset``. int8: ``CB * SCB * (1/127)`` per row.
+    """
+    w = module.weight
+    if w.dtype == torch.int8:
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return w.data.float() * scb.float().view(-1, 1) * 7.874015718698502e-3  # (1/127 in float32)
+    qs = w.quant_state
+    packed = w.data.reshape(-1).to(torch.int64)
+    nib = torch.stack([packed >> 4, packed & 0xF], 1).reshape(-1)
+    out_f, in_f = qs.shape
+    n = out_f * in_f
+    nib = nib[:n]
+    if qs.nested:
+        s2 = qs.state2
+        idx = torch.arange(qs.absmax.numel()) // s2.blocksize
+        absmax = s2.code[qs.absmax.long()] * s2.absmax[idx] + qs.offset
+    else:
+        absmax = qs.absmax.float()
+    scale = absmax[torch.arange(n) // qs.blocksize]
+    return (qs.code[nib] * scale).reshape(out_f, in_f)
+
+
+class Toy(nn.Module):
+    """Two projections and a head, with names like a transformer block's."""
+
+    def __init__(self, d: int = 64, h: int = 128, vocab: int = 48) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.q_proj = nn.Linear(d, d)
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        x = x + self.q_proj(x)
+        x = x + self.down_proj(torch.relu(self.up_proj(x)))
+        return self.lm_head(x)
+
+
+@pytest.fixture
+def toy() -> Toy:
+    torch.manual_seed(0)
+    return Toy()
