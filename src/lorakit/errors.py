@@ -67,6 +67,22 @@ class NonFiniteTensorError(AdapterFormatError):
     """Weights being read hold NaN or inf (the message names each tensor; ``allow_nonfinite=True`` opts out)."""
 
 
+class QuantizationError(LoraError, ValueError):
+    """A quantization request is invalid: unknown type, bad compute dtype, a model already quantized."""
+
+
+class QuantBackendError(LoraError, ImportError):
+    """The quantization backend (bitsandbytes, ``pip install 'lorakit[quant]'``) is missing or cannot run."""
+
+
+class QuantMismatchError(AdapterMismatchError):
+    """An adapter was recorded on a base quantized differently from the model it is merged into."""
+
+
+class QuantMismatchWarning(UserWarning):
+    """An adapter is loaded onto a base quantized differently from the one it was trained on."""
+
+
 class OutputPathError(LoraError, FileExistsError):
     """An output path exists as the wrong kind (a file where a directory goes, or the reverse, or a file
     among its parents); nothing was written."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import QuantBackendError
+from ..errors import QuantBackendError
 
 #: The quantization types :func:`lorakit.quantize_base` accepts.
 QUANT_TYPES = ("nf4", "fp4", "int8")

@@ -25,7 +25,7 @@ from ..inject import name_matches
 from ..layers import LoraLayer, is_conv1d_like
 from . import backend as QB
 from . import weights as QW
-from ._errors import QuantizationError
+from ..errors import QuantizationError
 
 
 @dataclass(frozen=True)
