@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_cli = None
     if add_cli is not None:
         add_cli(sub)
+    from lorakit.serve.cli import add_cli as add_serve  # flags only; the web stack is imported when it runs
+
+    add_serve(sub)
     return parser
 
 

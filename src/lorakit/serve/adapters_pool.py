@@ -160,8 +160,8 @@ class AdapterPool:
         """The internal name of ``e`` on the model, loading it (and evicting) if needed.
 
         None when every resident adapter has running rows and none can make room (retry later).
-        Raises :class:`AdapterLoadError` when the files do not load or hold NaN/inf (the entry is then
-        forgotten, the model unchanged).
+        Raises :class:`AdapterLoadError` when the files do not load (:func:`lorakit.load_adapter` checks
+        shapes and refuses NaN/inf before the model changes); the entry is then forgotten.
         """
         with self.lock:
             if e.internal is not None:
@@ -183,13 +183,6 @@ class AdapterPool:
                 self.entries.pop(e.name, None)
                 raise AdapterLoadError(f"adapter {e.name!r} at {str(e.path)!r} does not load: {exc}",
                                        param="model") from None
-            bad = [n for n, p in self.model.named_parameters() if n.endswith(f".{internal}")
-                   and not bool(torch.isfinite(p).all())]
-            if bad:
-                lorakit.delete_adapter(self.model, internal) if internal not in lorakit.active_adapters(
-                    self.model) else self._drop_active(internal)
-                self.entries.pop(e.name, None)
-                raise AdapterLoadError(f"adapter {e.name!r}: non-finite values (NaN/inf) in {bad[0]}", param="model")
             e.internal = internal
             self.resident[e.name] = e
             self.on_change("load", time.perf_counter() - t0)
