@@ -21,6 +21,7 @@ from .config import ALL_LINEAR, LoraConfig
 from .errors import AlreadyInjectedError, TargetNotFoundError, UnsupportedModuleError
 from .layers import Embedding, LoraConv1d, LoraConv2d, LoraConv3d, LoraLayer, MergedLinear, is_conv1d_like
 from .layers import Linear as LoraLinear
+from .quant import backend as _quant
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ def supported_types() -> list[str]:
 def factory_for(module: nn.Module) -> Factory | None:
     if is_conv1d_like(module):
         return _linear_factory
+    if type(module) not in REGISTRY and _quant.is_quantized(module):  # bitsandbytes; subclasses nn.Linear
+        from .quant.layer import factory
+        return factory
     for t in type(module).__mro__:
         if t in REGISTRY:
             return REGISTRY[t]
@@ -268,6 +272,8 @@ class Plan:
     other_trainable: int = 0
     total_params: int = 0
     extra_memory_bytes: int = 0
+    base_weight_bytes: int = 0  # resident bytes of the adapted layers' base weights (quantized or not)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def trainable(self) -> int:
@@ -288,6 +294,8 @@ class Plan:
                      f"LoRA {self.lora_params:,}, other {self.other_trainable:,}")
         lines.append(f"extra training memory (params + grads + AdamW states, fp32): "
                      f"{self.extra_memory_bytes / 2**20:.2f} MiB")
+        lines.append(f"base weights of the adapted modules, resident: {self.base_weight_bytes / 2**20:.2f} MiB")
+        lines.extend(self.notes)
         return "\n".join(lines)
 
 
@@ -297,6 +305,12 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
     out = Plan(total_params=sum(p.numel() for p in model.parameters()))
     for m in matches:
         w = m.module.weight
+        if _quant.is_quantized(m.module):  # packed weight: sizes from the layer (lorakit.quant.planning)
+            from .quant import planning as QP
+            n = QP.lora_params(m.module, m.spec.r, m.spec.enable)
+            out.rows.append(PlanRow(m.name, QP.row_kind(m.module), QP.shape(m.module), m.spec.r, m.spec.alpha, n))
+            out.lora_params += n
+            continue
         if isinstance(m.module, nn.Embedding):
             n = m.spec.r * (w.shape[0] + w.shape[1])
         elif m.spec.enable is not None:
@@ -322,4 +336,6 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
             if n.endswith("bias") and id(p) not in seen and (config.bias == "all" or mod in adapted):
                 out.other_trainable += p.numel()
     out.extra_memory_bytes = out.trainable * 4 * 4  # param, grad, Adam m and v
+    from .quant import planning as QP
+    QP.annotate(model, [m.module for m in matches], out)
     return out

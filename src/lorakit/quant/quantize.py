@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..inject import name_matches
 from ..layers import LoraLayer, is_conv1d_like
 from . import backend as QB
 from . import weights as QW
@@ -69,6 +68,8 @@ def candidates(model: nn.Module, opts: QuantOptions, skip: str | Sequence[str]
     """The (name, module) pairs :func:`quantize_base` replaces and the skipped ones with reasons.
 
     Raises :class:`QuantizationError` when a layer is already quantized (never quantize twice)."""
+    from ..inject import name_matches
+
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
