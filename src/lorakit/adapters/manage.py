@@ -62,7 +62,7 @@ def _pair_shapes(layer: LoraLayer, r: int) -> tuple[tuple[int, ...], tuple[int, 
 def _new_slot(layer: LoraLayer, spec: LayerSpec, values: tuple[Tensor, Tensor] | None = None) -> Slot:
     a_shape, b_shape = _pair_shapes(layer, spec.r)
     w = layer._weight_param()
-    dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point() else w.dtype
     if values is None:
         A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=w.device))
         B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=w.device))

@@ -98,7 +98,8 @@ class LoraLayer:
     def _new_lora_params(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], freeze: bool = True) -> None:
         w = self._weight_param()
         # Half-precision bases train their adapter in fp32; the forward casts.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        # (a quantized base's uint8/int8 codes: fp32 too)
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point() else w.dtype
         self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=w.device))
         if freeze:  # loralib freezes W0 in the constructor; inject() freezes the whole model instead
