@@ -247,3 +247,19 @@ def test_lorakit_merge_sharded_equals_plain_merge(tmp_path: Path, reference: Pat
     b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sharded").eval()
     torch.testing.assert_close(b(input_ids=x).logits, a(input_ids=x).logits, rtol=1e-5, atol=1e-6)
     assert (tmp_path / "sharded" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_library_api_on_a_sharded_model(tmp_path: Path) -> None:
+    """forward, disable_adapters, merge / unmerge (bit-exact), save_adapter, load_adapter on DTensor parameters
+    (2 gloo ranks) against an unsharded copy of the same model (worker: fsdp_api_worker.py)."""
+    worker = Path(__file__).with_name("fsdp_api_worker.py")
+    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=cli_env(**ENV), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["forward"] == 0.0 and r["disabled_vs_base"] == 0.0 and r["unmerged"] == 0.0
+        assert r["merged"] < 1e-6 and r["merge_changed_weight"] and r["unmerge_bits"]
+        assert r["saved_same_keys"] and r["saved"] == 0.0
+        assert r["loaded"] == 0.0

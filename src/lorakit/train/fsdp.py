@@ -185,23 +185,73 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def gather_trainables(model: nn.Module) -> None:
-    """Replace each trainable DTensor parameter by its gathered full tensor, on every rank (collective).
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: every trainable DTensor parameter is its full plain tensor, on every rank (collective).
 
-    After this, ``lorakit.save_adapter`` and ``trainable_state`` work on rank 0 as on an unsharded model;
-    the frozen base stays sharded. One-way: the model must not run forward again (end of training).
+    ``lorakit.save_adapter``, ``load_adapter`` (into the existing adapter), ``trainable_state`` and
+    ``load_state_dict`` of the trainable tensors then work as on an unsharded model; the frozen base
+    stays sharded, so no forward may run inside. On exit each rank copies its shard of the (possibly
+    loaded) full values back into the sharded parameters; a parameter added inside is an error.
     """
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
+    swapped: list[tuple[nn.Module, str, DTensor]] = []
+    hooks: list[tuple[nn.Module, Any, Any]] = []
+    before = {id(m): set(m._parameters) for m in model.modules()}
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.requires_grad and isinstance(p, DTensor):
+                swapped.append((mod, name, p))
                 mod._parameters[name] = nn.Parameter(p.detach().full_tensor().clone(), requires_grad=True)
-        # FSDP2's state-dict pre-hook would put the sharded parameters back (``to_sharded``); from here on
-        # ``state_dict()`` must see the gathered ones (torch 2.13: a closure named ``to_sharded_hook``).
+        # FSDP2's state-dict pre-hook puts the sharded parameters back (``to_sharded``); while gathered,
+        # ``state_dict()`` must see the full ones (torch 2.13: a closure named ``to_sharded_hook``).
         for key, hook in list(mod._state_dict_pre_hooks.items()):
             if getattr(hook, "__name__", "") == "to_sharded_hook":
+                hooks.append((mod, key, hook))
                 del mod._state_dict_pre_hooks[key]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for mod, name, orig in swapped:
+                full = mod._parameters[name]
+                if full is not None and full.shape == orig.shape:
+                    orig.copy_(distribute_tensor(full.detach().to(orig.dtype), orig.device_mesh, orig.placements))
+                mod._parameters[name] = orig
+        for mod, key, hook in hooks:
+            mod._state_dict_pre_hooks[key] = hook
+    added = [n for m in model.modules() for n in set(m._parameters) - before.get(id(m), set())]
+    if added:
+        raise TrainConfigError(
+            f"parameters {added[:4]} were added to a sharded model (a new adapter?); FSDP2 cannot shard them "
+            "after fully_shard: add adapters before sharding"
+        )
+
+
+def gather_trainables(model: nn.Module) -> None:
+    """Enter :func:`gathered` for good (end of training: rank 0 then saves as from an unsharded model)."""
+    gathered(model).__enter__()
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    """``lorakit.save_adapter`` of a sharded model: gathered on every rank, written by rank 0 (collective)."""
+    import lorakit
+
+    with gathered(model):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            lorakit.save_adapter(model, path, **kwargs)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    """``lorakit.load_adapter`` into a sharded model's existing adapter: every rank reads the directory and
+    keeps its shard (collective)."""
+    import lorakit
+
+    with gathered(model):
+        lorakit.load_adapter(model, path, **kwargs)
 
 
 def save_best(model: nn.Module, step: int, metrics: dict[str, float], path: Path, ctx: Any) -> None:

@@ -1,0 +1,171 @@
+"""FSDP2 vs DDP for LoRA training on CPU (gloo): per-rank base bytes, RSS and step time.
+
+Run under torchrun; every variant is measured in the same processes, one after the other, so the
+ratios come from one run::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/bench_fsdp.py --model smollm2 --steps 6
+
+Variants: ``ddp`` (the base replicated), ``fsdp`` (``lorakit.train.fsdp.shard``: base and LoRA sharded per
+block) and ``fsdp-replicated`` (base sharded, LoRA kept whole on every rank via ``ignored_params``,
+its gradients averaged by one flat all-reduce per step: the best case for replication). The model is
+randomly initialised from the named shape (SmolLM2-135M's config by default), LoRA r=8 on q/v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import resource
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SHAPES = {
+    # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json)
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build(shape: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+    lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"]))
+    return model
+
+
+def local_bytes(model: nn.Module, trainable: bool) -> int:
+    from torch.distributed.tensor import DTensor
+
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.requires_grad != trainable or id(p) in seen:
+            continue
+        seen.add(id(p))
+        t = p.to_local() if isinstance(p, DTensor) else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def wrap(model: nn.Module, variant: str, ctx: Any) -> tuple[Any, list[nn.Parameter]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lorakit.train import fsdp
+
+    if variant == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model), []
+    if variant == "fsdp":
+        cfg = SimpleNamespace(fsdp_block=None, fsdp_offload=False)
+        return fsdp.shard(model, cfg, ctx).module, []
+    lora = [p for p in model.parameters() if p.requires_grad]
+    mesh = init_device_mesh("cpu", (ctx.world_size,))
+    for b in fsdp.find_blocks(model):
+        fully_shard(b, mesh=mesh, ignored_params=set(lora))
+    fully_shard(model, mesh=mesh, ignored_params=set(lora))
+    return model, lora
+
+
+def allreduce_flat(params: list[nn.Parameter], world: int) -> None:
+    """One all-reduce of every replicated gradient (flattened), then the average written back."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
+
+
+def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    model = build(args.model)
+    full_base = local_bytes(model, trainable=False)
+    wrapped, replicated = wrap(model, variant, ctx)
+    gc.collect()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(ctx.rank)
+    vocab = SHAPES[args.model]["vocab_size"]
+    times = []
+    for step in range(args.steps + 1):
+        x = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+        t0 = time.perf_counter()
+        loss = wrapped(input_ids=x, labels=x).loss
+        loss.backward()
+        if replicated:
+            allreduce_flat(replicated, ctx.world_size)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        if step:  # the first step warms up
+            times.append(time.perf_counter() - t0)
+    out = {
+        "variant": variant,
+        "base_bytes_full": full_base,
+        "base_bytes_rank": local_bytes(model, trainable=False),
+        "lora_bytes_rank": local_bytes(model, trainable=True),
+        "rss_mb_after": rss_mb(),
+        "step_s": statistics.median(times),
+    }
+    del wrapped, model, opt, params, replicated
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="smollm2")
+    ap.add_argument("--variants", nargs="+", default=["ddp", "fsdp", "fsdp-replicated"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--json", default=None, help="rank 0 also writes the rows here")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    ctx = SimpleNamespace(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch.device("cpu"))
+    rows = [measure(v, args, ctx) for v in args.variants]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    every = [None] * ctx.world_size
+    dist.all_gather_object(every, rows)
+    if ctx.rank == 0:
+        print(f"world={ctx.world_size} model={args.model} batch/rank={args.batch} seq={args.seq} "
+              f"peak_rss_mb={peak:.0f}")
+        print("variant          base MiB/rank  of full  lora KiB/rank  rss MiB after  step s (slowest rank)  x first")
+        anchor = max(rk[0]["step_s"] for rk in every)
+        for i, r in enumerate(rows):
+            step = max(rk[i]["step_s"] for rk in every)
+            print(f"{r['variant']:<16} {r['base_bytes_rank'] / 2**20:13.1f}  "
+                  f"{r['base_bytes_rank'] / r['base_bytes_full']:7.3f}  {r['lora_bytes_rank'] / 1024:13.1f}  "
+                  f"{r['rss_mb_after']:13.0f}  {step:21.3f}  {step / anchor:7.3f}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"world": ctx.world_size, "ranks": every}, fh, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
