@@ -8,13 +8,21 @@ adapted weights while merged). ``merge_and_unload`` keeps no copy: it returns a 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .inject import _set_module, forget_injection, lora_layers
 
 
 def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
-    """Fold every active LoRA update into its weight. Merging twice is a no-op."""
+    """Fold every active LoRA update into its weight. Merging twice is a no-op.
+
+    On a quantized base each layer requantizes ``dequant(W0) + s B A`` once and keeps W0's quantized
+    bytes for :func:`unmerge` (:mod:`lorakit.quant.layer`).
+    """
+    from .quant import records as QR
+
+    QR.check_merge(model, "merge")
     for _, layer in lora_layers(model):
         if not layer.lora_disabled:
             layer.merge(keep_original=keep_original)
@@ -28,16 +36,37 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge and replace every LoRA layer by its plain module; returns the plain model."""
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge and replace every LoRA layer by its plain module; returns the plain model.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): the adapted layers' weights become ``W0 + s B A`` computed
+    in fp32 and rounded once into ``dtype``. A quantized base always gives plain float layers this
+    way (W0 dequantized exactly; default dtype: the one it was quantized from) and its remaining
+    quantized layers are dequantized too.
+    """
+    from .errors import ArgumentTypeError
+    from .quant import merging as QM
+    from .quant import records as QR
+
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ArgumentTypeError(f"merge_and_unload: dtype must be a floating torch.dtype (e.g. torch.bfloat16) "
+                                f"or None, got {dtype!r}")
+    QR.check_merge(model, "merge_and_unload")
+    quantized = False
     for name, layer in list(lora_layers(model)):
-        if not layer.merged and not layer.lora_disabled:
-            layer.merge(keep_original=False)
-        layer._lora_w0 = None
-        layer.merged = False  # the merged weight now *is* the plain module's weight
-        plain = layer.to_plain()
+        if dtype is not None or QM.is_quant_lora(layer):
+            quantized = quantized or QM.is_quant_lora(layer)
+            plain = QM.merged_plain(layer, dtype)
+        else:
+            if not layer.merged and not layer.lora_disabled:
+                layer.merge(keep_original=False)
+            layer._lora_w0 = None
+            layer.merged = False  # the merged weight now *is* the plain module's weight
+            plain = layer.to_plain()
         if not name:
             return plain
         _set_module(model, name, plain)
+    if quantized or dtype is not None:
+        QM.dequantize_rest(model, dtype)
     forget_injection(model)
     return model

@@ -1,0 +1,71 @@
+"""``merge_and_unload(model, dtype=...)``: plain float layers from LoRA layers, with one rounding.
+
+For a quantized base, ``W = dequant(W0)`` is exact in fp32 (each element ``code * absmax``), the
+fp32 update is added, and the sum is rounded once into ``dtype``: the result is the
+once-rounded exact sum, element for element. A float base does the same from ``W0.float()``.
+Quantized layers that carry no LoRA are dequantized (one rounding) so the model is all float.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backend as QB
+from . import weights as QW
+from .layer import is_quant_lora
+
+
+def default_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype a quantized layer came from (4-bit records it; int8: float32)."""
+    if QB.is_4bit(module):
+        dt = QB.quant_state(module).dtype
+        return dt if dt in QB.COMPUTE_DTYPES else torch.float32
+    return torch.float32
+
+
+def _plain_linear(w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, training: bool) -> nn.Linear:
+    out_f, in_f = w.shape
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = in_f, out_f
+    lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    lin.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    lin.train(training)
+    return lin
+
+
+def merged_plain(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """The plain module equivalent to ``layer`` with its active update folded in, rounded once."""
+    with torch.no_grad():
+        use_delta = layer.has_lora and not layer.lora_disabled
+        if is_quant_lora(layer):
+            q = layer.quant_base
+            dt = dtype or default_dtype(q)
+            w = layer.dense_base_weight(torch.float32)  # W0, exact in fp32
+            if use_delta:
+                w += layer.delta_weight()
+            return _plain_linear(w, layer.bias, dt, layer.training)
+        w0 = layer.unmerged_weight().float()  # float base: W0 in fp32 (exact)
+        dt = dtype or layer._weight_param().dtype
+        if use_delta:
+            w0 = w0 + layer.delta_weight()
+        bias = layer._bias_param()
+        layer.unmerge()
+        plain = layer.to_plain()
+        if plain.weight.shape != w0.shape:  # a loralib fan_in_fan_out layer becomes an (out, in) nn.Linear
+            w0 = w0.transpose(0, 1)
+        plain.weight = nn.Parameter(w0.to(dt).contiguous(), requires_grad=plain.weight.requires_grad)
+        if bias is not None and "bias" in plain._parameters:
+            plain.bias = nn.Parameter(bias.detach().to(dt), requires_grad=bias.requires_grad)
+        return plain
+
+
+def dequantize_rest(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Replace the quantized layers left in ``model`` (no LoRA on them) by float ``nn.Linear``."""
+    from ..inject import _set_module
+
+    todo = [(n, m) for n, m in model.named_modules() if n and QB.is_quantized(m)]
+    for name, m in todo:
+        dt = dtype or default_dtype(m)
+        _set_module(model, name, _plain_linear(QW.dequantize(m, torch.float32), m.bias, dt, m.training))
