@@ -136,6 +136,9 @@ def save_adapter_dir(model: nn.Module, path: str | os.PathLike, config: LoraConf
     config = config or _model_config(model)
     tensors, peft = adapter_state(model, config)
     peft["base_model_name_or_path"] = base_model_name
+    from .quant import records as QR
+
+    QR.record(model, peft)  # "lorakit_quantization" when the base is quantized (PEFT ignores the key)
     meta = {"format": "pt", "lorakit_config": config.to_json()}
     path = Path(path)
 
@@ -186,7 +189,7 @@ def read_adapter(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> t
         raise AdapterFormatError(f"{cfg_path}: missing required field(s) {missing}")
     tensors, meta = _read_tensors(path)
     try:
-        config = LoraConfig.from_dict(raw)
+        config = LoraConfig.from_dict({k: v for k, v in raw.items() if k != "lorakit_quantization"})
         if meta.get("lorakit_config"):
             config = LoraConfig.from_json(meta["lorakit_config"])
     except LoraConfigError as e:
@@ -326,6 +329,9 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
     model._lorakit_configs = configs
     if new_layers:
         apply_trainable(model, config)
+    from .quant import records as QR
+
+    QR.after_load(model, path)  # warns when the adapter was trained on a differently quantized base
     return model
 
 
