@@ -67,6 +67,11 @@ __all__ = [
     "merge_and_unload", "plan", "read_adapter", "register_layer", "save_adapter", "trainable_parameters",
     "unmerge", "unwrap",
 ]
+# quantized frozen bases (issue 15); lorakit.quant imports bitsandbytes only when it quantizes
+from .errors import QuantBackendError, QuantizationError, QuantMismatchError, QuantMismatchWarning
+from .quant import quantize_base
+
+__all__ += ["QuantBackendError", "QuantMismatchError", "QuantMismatchWarning", "QuantizationError", "quantize_base"]
 __all__ += [
     "ActiveAdapterError", "CombineReport", "DuplicateAdapterError", "MixedBatchError", "UnknownAdapterError",
     "active_adapters", "add_adapter", "batch_adapters", "combine", "delete_adapter", "disable_adapters",
