@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import takes_model
 from .inject import _set_module, forget_injection, lora_layers
 
 
+@takes_model
 def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
     """Fold every active LoRA update into its weight. Merging twice is a no-op.
 
@@ -29,6 +31,7 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
     return model
 
 
+@takes_model
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`, restoring the original weights bit for bit. No-op when not merged."""
     for _, layer in lora_layers(model):
@@ -36,6 +39,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+@takes_model
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge and replace every LoRA layer by its plain module; returns the plain model.
 

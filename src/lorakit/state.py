@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import takes_model
 from .errors import LoraConfigError
 from .layers import LoraLayer
 
@@ -18,6 +19,7 @@ def _check_bias(bias: str) -> None:
         raise LoraConfigError(f"bias={bias!r}: expected one of {_BIAS_MODES}")
 
 
+@takes_model
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze all but ``lora_`` parameters; ``bias='all'`` or ``'lora_only'`` also trains biases."""
     _check_bias(bias)
@@ -35,6 +37,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                     b.requires_grad = True
 
 
+@takes_model
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The LoRA part of ``model.state_dict()`` (plus biases per ``bias``), loralib's checkpoint."""
     _check_bias(bias)
@@ -66,6 +69,7 @@ class ParamCount:
         return f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.4f}%)"
 
 
+@takes_model
 def trainable_parameters(model: nn.Module) -> ParamCount:
     """Count trainable and total parameters (shared tensors counted once)."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ..checks import require_config, takes_model
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import (
     ActiveAdapterError,
@@ -197,17 +198,20 @@ def _commit(model: nn.Module, reg: _Registry, staged: _Staged) -> None:
         set_adapter(model, staged.name)
 
 
+@takes_model
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     """Add a new adapter ``name`` shaped by ``config`` (its own rank, alpha and targets).
 
     Targets already wrapped get a new pair; others are wrapped (acting as base for the other
     adapters). The new adapter is inactive unless the model had no active adapter.
     """
+    require_config(config, "add_adapter")
     reg = _registry(model)
     _check_new_name(reg, name)
     _commit(model, reg, _stage(model, name, config, init=True))
 
 
+@takes_model
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its Parameters; the active adapter cannot be deleted."""
     reg = _registry(model)

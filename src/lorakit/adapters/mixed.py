@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import takes_model
 from ..errors import MixedBatchError
 from ..layers import Embedding, LoraLayer, MergedLinear
 from ..layers import Linear as LoraLinear
@@ -204,6 +205,7 @@ class _MixedBatch:
 
 
 @contextlib.contextmanager
+@takes_model
 def batch_adapters(model: nn.Module, names_per_row: Sequence[str]) -> Iterator[None]:
     """Run the block with row ``i`` of every batch using adapter ``names_per_row[i]`` ("base": none).
 

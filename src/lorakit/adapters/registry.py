@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import takes_model
 from ..config import LoraConfig
 from ..errors import (
     DuplicateAdapterError,
@@ -174,16 +175,19 @@ def _check_known(reg: _Registry, names: Sequence[str], allow_base: bool = False)
         raise UnknownAdapterError(f"no adapter named {n!r}; known adapters: {known}")
 
 
+@takes_model
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the model's adapters, in the order they were added."""
     return list(_registry(model).configs)
 
 
+@takes_model
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters the model's forward currently uses."""
     return list(_registry(model).active)
 
 
+@takes_model
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` (one adapter, or several whose updates add up) the active adapter(s).
 
@@ -220,6 +224,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
+@takes_model
 def use_adapter(model: nn.Module, names: str | Sequence[str]) -> Iterator[None]:
     """Run the block with ``names`` active, then restore the previous active adapter(s)."""
     reg = _registry(model)
@@ -245,6 +250,7 @@ def _deactivate(model: nn.Module, reg: _Registry) -> None:
 
 
 @contextlib.contextmanager
+@takes_model
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the block as the base model, exactly: merged layers are unmerged bit-exactly, re-merged after."""
     layers = [layer for _, layer in lora_layers(model)]

@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
+from lorakit.checks import check_finite
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, AdapterMismatchError, AdapterNotFoundError, LoraError
 from lorakit.formats import read_adapter
@@ -107,9 +108,11 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
         raise AdapterFormatError(f"cannot read adapter weights {path}: {exc}") from exc
+    check_finite(tensors, path)  # as read_adapter does for a directory
+    return tensors
 
 
 @dataclass(frozen=True)

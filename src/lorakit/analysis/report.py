@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lorakit.atomic import atomic_write, check_output
+
 from .loading import (
     Adapter,
     AdapterLike,
@@ -129,6 +131,7 @@ def analyze(
     With ``base``: projections of W and amplification factors (Section 7.3, Table 7).
     Always: ΔW singular spectrum and effective ranks. Non-finite numbers become ``None``.
     """
+    out = check_output(out_dir, "directory") if out_dir is not None else None  # refused before any work
     a = load_adapter(adapter)
     c = load_adapter(compare) if compare is not None else None
     if c is not None:
@@ -165,14 +168,14 @@ def analyze(
         "files": [],
     }
     result = _jsonable(result)
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         from .plots import write_plots  # lazy: matplotlib is optional
 
         files = [str(p) for p in write_plots(result, out)]
         result["files"] = [str(out / "analysis.json"), *files]
-        (out / "analysis.json").write_text(json.dumps(result, indent=1))
+        text = json.dumps(result, indent=1)
+        atomic_write(out / "analysis.json", lambda fh: fh.write(text), mode="w")
     return result
 
 
