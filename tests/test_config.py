@@ -89,8 +89,8 @@ def test_from_real_peft_adapter_config(tmp_path):
 
 
 def test_peft_unsupported_feature_rejected():
-    with pytest.raises(LoraConfigError, match="use_dora"):
-        LoraConfig.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q"], "use_dora": True})
+    with pytest.raises(LoraConfigError, match="layer_replication"):  # use_dora is supported since issue 16
+        LoraConfig.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q"], "layer_replication": [[0, 1]]})
     with pytest.raises(LoraConfigError, match="peft_type"):
         LoraConfig.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q"], "peft_type": "IA3"})
     LoraConfig.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q"], "use_dora": False})

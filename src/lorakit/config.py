@@ -23,7 +23,8 @@ from .errors import LoraConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian", "random")
+INIT_MODES = ("kaiming", "gaussian", "random", "pissa", "pissa_niter_<K>", "olora")
+_INIT_RE = re.compile(r"kaiming|gaussian|random|pissa|pissa_niter_[1-9][0-9]*|olora")
 
 #: PEFT name -> lorakit name.
 ALIASES = {
@@ -44,8 +45,8 @@ _PEFT_METADATA = {
 _PEFT_UNSUPPORTED = {
     "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core",
     "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
-    "monteclora_config", "layer_replication", "runtime_config", "lora_bias", "target_parameters",
+    "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
+    "monteclora_config", "layer_replication", "runtime_config", "target_parameters",
     "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
 }
 _OFF_VALUES = (None, False, {}, [], "megatron.core", 16, {"ephemeral_gpu_offload": False})
@@ -79,10 +80,13 @@ class LoraConfig:
         alpha_pattern: ``{name or regex: alpha}`` per-module alpha overrides.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         init: ``"kaiming"`` (A Kaiming-uniform, B zero: the paper's choice), ``"gaussian"``
-            (A normal with std 1/r, B zero) or ``"random"`` (B random too: the adapter does not start
-            at the base model; for tests).
+            (A normal with std 1/r, B zero), ``"random"`` (B random too: the adapter does not start
+            at the base model; for tests), or ``"pissa"`` / ``"pissa_niter_<K>"`` / ``"olora"``
+            (principal part of W0 into A, B; the residual stays in W0: :mod:`lorakit.variants.init`).
         fused: ``{name: [bool, ...]}`` for fused projections (one Linear holding q, k, v): only the
             enabled equal slices of the output get LoRA, as loralib's ``MergedLinear``.
+        use_dora: DoRA (arXiv:2402.09353), a trainable magnitude per output: :mod:`lorakit.variants.dora`.
+        lora_bias: a trainable bias on B (PEFT's ``lora_bias``), merged into the base bias.
     """
 
     r: int = 8
@@ -97,6 +101,8 @@ class LoraConfig:
     use_rslora: bool = False
     init: str = "kaiming"
     fused: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -137,8 +143,15 @@ class LoraConfig:
             _check_regex(self.exclude, "exclude")
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias: {self.bias!r} is not one of {BIAS_MODES}")
-        if self.init not in INIT_MODES:
+        if not isinstance(self.init, str) or not _INIT_RE.fullmatch(self.init):
             raise LoraConfigError(f"init: {self.init!r} is not one of {INIT_MODES}")
+        for flag in ("use_dora", "lora_bias"):
+            if not isinstance(getattr(self, flag), bool):
+                raise LoraConfigError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        if self.use_dora and self.lora_bias:
+            raise LoraConfigError("use_dora=True with lora_bias=True: DoRA has no LoRA bias (PEFT refuses it too)")
+        if self.lora_bias and self.init not in ("kaiming", "random"):
+            raise LoraConfigError(f"lora_bias=True works with init 'kaiming' or 'random' (as PEFT), got {self.init!r}")
         if not isinstance(self.use_rslora, bool):
             raise LoraConfigError(f"use_rslora: expected True or False, got {self.use_rslora!r}")
         for k, v in self.rank_pattern.items():
@@ -195,7 +208,7 @@ class LoraConfig:
     def to_peft_dict(self, *, fan_in_fan_out: bool = False, base_model: str | None = None,
                      task_type: str | None = None, ranks: Mapping[str, int] | None = None) -> dict[str, Any]:
         """PEFT's `adapter_config.json` fields for this config."""
-        init: Any = {"kaiming": True, "gaussian": "gaussian", "random": False}[self.init]
+        init: Any = {"kaiming": True, "random": False}.get(self.init, self.init)
         return {
             "peft_type": "LORA",
             "task_type": task_type,
@@ -213,7 +226,8 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,
             "init_lora_weights": init,
-            "use_dora": False,
+            "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
             "layers_to_transform": None,
             "layers_pattern": None,
         }

@@ -32,8 +32,9 @@ from .errors import (
     LoraError,
     TargetNotFoundError,
 )
-from .inject import _set_module, apply_trainable, factory_for, lora_layers, resolve
+from .inject import _set_module, apply_trainable, build_layers, lora_layers, resolve
 from .layers import ConvLoRA, Embedding, LoraLayer, MergedLinear
+from .variants import is_weight_init
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,7 +47,7 @@ def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
     """A layer's adapter in PEFT's key suffixes and shapes."""
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     if isinstance(layer, Embedding):
-        return {"lora_embedding_A": A, "lora_embedding_B": B}
+        return _with_variant(layer, {"lora_embedding_A": A, "lora_embedding_B": B})
     if isinstance(layer, ConvLoRA):
         raise AdapterFormatError(f"{type(layer).__name__}: loralib's convolution layout has no PEFT "
                                  "equivalent; save it with lorakit.lora_state_dict instead")
@@ -58,7 +59,13 @@ def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
         w = layer.weight
         A = A.view(A.shape[0], *w.shape[1:])  # (r, in, *k)
         B = B.view(*B.shape, *([1] * (w.dim() - 2)))  # (out, r, 1, ...)
-    return {"lora_A.weight": A, "lora_B.weight": B}
+    return _with_variant(layer, {"lora_A.weight": A, "lora_B.weight": B})
+
+
+def _with_variant(layer: LoraLayer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add a variant's own tensors (DoRA's ``lora_magnitude_vector``, ``lora_B.bias``) under PEFT's names."""
+    variant = layer.__dict__.get("lora_variant")
+    return {**tensors, **variant.peft_tensors(layer)} if variant is not None else tensors
 
 
 def _fused_to_dense(layer: MergedLinear) -> tuple[Tensor, Tensor]:
@@ -219,7 +226,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 # --- load -----------------------------------------------------------------------------------------
-_LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+_LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
+                  "lora_magnitude_vector", "lora_B.bias")  # the last two: lorakit.variants
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -265,14 +273,17 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
             r=config.r, alpha=config.alpha, dropout=config.dropout, targets=tuple(ranks), bias=config.bias,
             trainable=config.trainable, rank_pattern={rf"{_escape(m)}": r for m, r in ranks.items()},
             alpha_pattern={_escape(m): config.alpha_for(m) for m in ranks}, use_rslora=config.use_rslora,
-            init=config.init, fused={_escape(m): v for m, v in config.fused.items() if _any_match(m, ranks)})
+            init="kaiming" if is_weight_init(config.init) else config.init,  # never rewrite W0 on load
+            fused={_escape(m): v for m, v in config.fused.items() if _any_match(m, ranks)},
+            use_dora=config.use_dora, lora_bias=config.lora_bias)
         try:
             matches = resolve(model, specs) if ranks else []
         except (TargetNotFoundError, LoraConfigError) as e:
             raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
-        for mt in matches:
-            if mt.name in ranks:
-                new_layers[mt.name] = factory_for(mt.module)(mt.module, mt.spec)
+        try:
+            new_layers.update(build_layers([mt for mt in matches if mt.name in ranks]))
+        except LoraError as e:
+            raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
     layers = {**{m: existing[m] for m in per_module if m in existing}, **new_layers}
     for m, ts in per_module.items():
         layer = layers.get(m)
@@ -317,6 +328,9 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
                 a, b = _dense_to_fused(layer, a, b)
             layer.lora_A.copy_(_to_layer_layout(layer, "A", a))
             layer.lora_B.copy_(_to_layer_layout(layer, "B", b))
+            variant = layer.__dict__.get("lora_variant")
+            if variant is not None:
+                variant.load_peft_tensors(layer, ts)
             if was_merged:
                 layer.merge()
         if extras:

@@ -17,15 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .checks import require_config, takes_model
 from .config import ALL_LINEAR, LoraConfig
-from .errors import (
-    AlreadyInjectedError,
-    ArgumentTypeError,
-    NotAModuleError,
-    TargetNotFoundError,
-    UnsupportedModuleError,
-)
+from .errors import AlreadyInjectedError, TargetNotFoundError, UnsupportedModuleError
 from .layers import Embedding, LoraConv1d, LoraConv2d, LoraConv3d, LoraLayer, MergedLinear, is_conv1d_like
 from .layers import Linear as LoraLinear
 from .quant import backend as _quant
@@ -41,6 +34,8 @@ class LayerSpec:
     use_rslora: bool
     init: str
     enable: tuple[bool, ...] | None = None  # fused projection slices
+    use_dora: bool = False  # variants (lorakit.variants), applied by build_layers
+    lora_bias: bool = False
 
 
 Factory = Callable[[nn.Module, LayerSpec], LoraLayer]
@@ -74,12 +69,6 @@ _CONV1D_NAME = "transformers Conv1D"
 
 def register_layer(module_type: type, factory: Factory) -> None:
     """Teach :func:`inject` a new module type: ``factory(module, spec) -> LoraLayer``."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise NotAModuleError(f"register_layer: expected module_type as a torch.nn.Module subclass "
-                              f"(e.g. nn.Linear), got {module_type!r}")
-    if not callable(factory):
-        raise ArgumentTypeError(f"register_layer: expected factory as a callable (module, spec) -> LoraLayer, "
-                                f"got {type(factory).__name__}")
     REGISTRY[module_type] = factory
 
 
@@ -103,7 +92,6 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d_like(module)
 
 
-@takes_model
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """Every LoRA layer of ``model`` with its qualified name."""
     for name, m in model.named_modules():
@@ -180,7 +168,7 @@ def resolve(model: nn.Module, config: LoraConfig) -> list[Match]:
                 from .errors import LoraConfigError
                 raise LoraConfigError(f"fused[{name!r}]: {len(enable)} slices do not divide out_features={out}")
         spec = LayerSpec(config.rank_for(name), config.alpha_for(name), config.dropout, config.use_rslora,
-                         config.init, enable)
+                         config.init, enable, config.use_dora, config.lora_bias)
         found.append(Match(name, m, spec))
     _check_coverage(config, names, found, hits)
     return found
@@ -214,7 +202,6 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-@takes_model
 def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap every module ``config`` targets with a LoRA layer, in place; freeze the rest.
 
@@ -222,17 +209,31 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     Raises before changing anything when a target matches nothing, a type is unsupported, or a
     module already has LoRA.
     """
-    require_config(config, "inject")
     matches = resolve(model, config)
+    built = build_layers(matches)  # every layer checked before a weight-rewriting init runs
     if not hasattr(model, "_lorakit_requires_grad"):
         model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for m in matches:
-        _set_module(model, m.name, factory_for(m.module)(m.module, m.spec))
+    for name, layer in built:
+        _set_module(model, name, layer)
     configs = dict(getattr(model, "_lorakit_configs", {}))
     configs["default"] = config
     model._lorakit_configs = configs
     apply_trainable(model, config)
     return model
+
+
+def build_layers(matches: list[Match]) -> list[tuple[str, LoraLayer]]:
+    """The LoRA layers for ``matches`` (not installed), with their spec's variant and init
+    (:func:`lorakit.variants.apply_spec`). Every layer is checked first, so a refusal leaves the
+    model's weights untouched (PiSSA / OLoRA rewrite W0)."""
+    from .variants import apply_spec, check_spec
+
+    built = [(m.name, factory_for(m.module)(m.module, m.spec), m.spec) for m in matches]
+    for name, layer, s in built:
+        check_spec(layer, use_dora=s.use_dora, lora_bias=s.lora_bias, init=s.init, where=name)
+    for name, layer, s in built:
+        apply_spec(layer, use_dora=s.use_dora, lora_bias=s.lora_bias, init=s.init, where=name)
+    return [(name, layer) for name, layer, _ in built]
 
 
 def apply_trainable(model: nn.Module, config: LoraConfig) -> None:
@@ -246,7 +247,6 @@ def apply_trainable(model: nn.Module, config: LoraConfig) -> None:
             p.requires_grad = True
 
 
-@takes_model
 def unwrap(model: nn.Module) -> nn.Module:
     """Remove every LoRA layer, restoring the original modules (unmerged, bit-exact weights)."""
     for name, layer in list(lora_layers(model)):
@@ -316,10 +316,8 @@ class Plan:
         return "\n".join(lines)
 
 
-@takes_model
 def plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Dry run of :func:`inject`: same validation and errors, no change to the model."""
-    require_config(config, "plan")
     matches = resolve(model, config)
     out = Plan(total_params=sum(p.numel() for p in model.parameters()))
     for m in matches:

@@ -147,10 +147,14 @@ class LoraLayer:
         if self.merged or not self.has_lora:
             return
         w = self._weight_param()
+        variant = self.__dict__.get("lora_variant")  # lorakit.variants: DoRA, LoRA bias (None: plain LoRA)
         with torch.no_grad():
             delta = self.delta_weight()
             self._lora_w0 = w.detach().clone() if keep_original else None
-            w.copy_((w.float() + delta).to(w.dtype))
+            merged = w.float() + delta if variant is None else variant.merged_weight(self, w.float(), delta)
+            w.copy_(merged.to(w.dtype))
+            if variant is not None:
+                variant.after_merge(self, keep_original)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -158,13 +162,23 @@ class LoraLayer:
         if not self.merged:
             return
         w = self._weight_param()
+        variant = self.__dict__.get("lora_variant")
         with torch.no_grad():
             if self._lora_w0 is not None:
                 w.copy_(self._lora_w0)
             else:
-                w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+                w.copy_(self._subtract_update(w).to(w.dtype))
             self._lora_w0 = None
+            if variant is not None:
+                variant.after_unmerge(self)
         self.merged = False
+
+    def _subtract_update(self, w: Tensor) -> Tensor:
+        """W0 recomputed from a merged weight (fp32), when no copy was kept."""
+        variant = self.__dict__.get("lora_variant")
+        if variant is None:
+            return w.float() - self.delta_weight()
+        return variant.unmerged_weight(self, w.float(), self.delta_weight())
 
     def unmerged_weight(self) -> Tensor:
         """The base weight W0 whether or not the layer is merged (a detached tensor)."""
@@ -173,7 +187,7 @@ class LoraLayer:
             return w
         if self._lora_w0 is not None:
             return self._lora_w0
-        return (w.float() - self.delta_weight()).to(w.dtype)
+        return self._subtract_update(w).to(w.dtype)
 
     def train(self, mode: bool = True):  # noqa: ANN201 - returns self like nn.Module.train
         """loralib semantics: with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges."""
@@ -215,6 +229,10 @@ class LoraLayer:
 def _state_dict_unmerged(module: LoraLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     if module.merged:
         state_dict[prefix + module._weight_key] = module.unmerged_weight().clone()
+        variant = module.__dict__.get("lora_variant")
+        if variant is not None:
+            base = prefix + module._weight_key[: -len("weight")]
+            state_dict.update({base + k: v for k, v in variant.unmerged_state(module).items()})
 
 
 def _before_load(module: LoraLayer, state_dict: dict, prefix: str, *args: Any) -> None:

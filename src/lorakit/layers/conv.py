@@ -36,6 +36,9 @@ class _ConvLoraMixin(LoraLayer):
         conv = self._conv()
         if not self.lora_active:
             return conv._conv_forward(x, conv.weight, conv.bias)
+        variant = self.__dict__.get("lora_variant")  # lorakit.variants (DoRA, LoRA bias)
+        if variant is not None:
+            return variant.forward(self, x, self.lora_A, self.lora_B)
         delta = self.delta_weight().to(conv.weight.dtype)
         if isinstance(self.lora_dropout, nn.Identity):
             return conv._conv_forward(x, conv.weight + delta, conv.bias)

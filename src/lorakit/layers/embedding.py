@@ -61,6 +61,9 @@ class Embedding(LoraLayer, nn.Embedding):
                           self.scale_grad_by_freq, self.sparse)
         if not self.lora_active:
             return out
+        variant = self.__dict__.get("lora_variant")  # lorakit.variants (DoRA)
+        if variant is not None:
+            return variant.forward(self, x, self.lora_A, self.lora_B)
         # Row lookup of A^T: (..., r). max_norm is not applied: it would rescale A in place.
         after_a = F.embedding(x, self.lora_A.transpose(0, 1), self.padding_idx, None, 2.0,
                               self.scale_grad_by_freq, self.sparse)

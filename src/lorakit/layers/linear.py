@@ -74,6 +74,9 @@ class _LinearLoraMixin(LoraLayer):
             if d["merged"] and not d["lora_disabled"] and self.lora_fused:  # decoding: the C++ kernel
                 return FU.merged_linear(x, w, bias)
             return F.linear(x, w, bias)  # no adapter or disabled: exactly the base layer
+        variant = d.get("lora_variant")  # DoRA / LoRA bias: its own forward, never the fused LoRA path
+        if variant is not None:
+            return variant.forward(self, x, A, B)
         if self.lora_fused:
             out = FU.linear_forward(x, weight, bias, A, B, d["scaling"], d["_modules"]["lora_dropout"],
                                     d["fan_in_fan_out"], self._lora_slices)

@@ -14,11 +14,25 @@ from torch import nn
 
 from . import bias as _bias  # noqa: F401 - registers "lora_bias"
 from . import dora as _dora  # noqa: F401 - registers "use_dora"
-from .base import LoraVariant, attach, detach, register_variant, variant_of
-from .init import apply_init, initial_state, is_weight_init, to_plain_lora
+from .base import LoraVariant, attach, builder_for, detach, register_variant, variant_of
+from .init import apply_init, check_init, initial_state, is_weight_init, to_plain_lora
 
-__all__ = ["LoraVariant", "apply_spec", "attach", "detach", "initial_state", "register_variant",
-           "to_plain_lora", "variant_of"]
+__all__ = ["LoraVariant", "apply_spec", "attach", "check_spec", "detach", "initial_state", "is_weight_init",
+           "register_variant", "to_plain_lora", "variant_of"]
+
+
+def _variant_name(use_dora: bool, lora_bias: bool) -> str | None:
+    return "use_dora" if use_dora else "lora_bias" if lora_bias else None
+
+
+def check_spec(layer: nn.Module, *, use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
+               where: str = "") -> None:
+    """Raise (typed, naming ``where``) if :func:`apply_spec` would refuse this layer; changes nothing."""
+    if is_weight_init(init):
+        check_init(layer, init, where)
+    name = _variant_name(use_dora, lora_bias)
+    if name is not None:
+        builder_for(layer, name, where)
 
 
 def apply_spec(layer: nn.Module, *, use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
@@ -27,8 +41,5 @@ def apply_spec(layer: nn.Module, *, use_dora: bool = False, lora_bias: bool = Fa
     initialisation first, then the variant, so DoRA's magnitude is the norm of the initialised weight)."""
     if is_weight_init(init):
         apply_init(layer, init, where)
-    if use_dora:
-        attach(layer, "use_dora", where)
-    elif lora_bias:
-        attach(layer, "lora_bias", where)
+    attach(layer, _variant_name(use_dora, lora_bias), where)
     return layer

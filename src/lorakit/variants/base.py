@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import LoraConfigError, UnsupportedModuleError
 
-__all__ = ["LoraVariant", "attach", "detach", "register_variant", "variant_of"]
+__all__ = ["LoraVariant", "attach", "builder_for", "detach", "register_variant", "variant_of"]
 
 
 class LoraVariant:
@@ -65,9 +65,15 @@ class LoraVariant:
         """Inverse of :meth:`merged_weight` (used only when the original weight was not kept)."""
         return w - delta
 
-    def merged_bias(self, layer: nn.Module, b0: Tensor | None) -> Tensor | None:
-        """The merged bias in fp32 (``None``: the variant leaves the bias alone)."""
-        return None
+    def after_merge(self, layer: nn.Module, keep_original: bool) -> None:
+        """Called once the weight is merged: merge anything else (a bias)."""
+
+    def after_unmerge(self, layer: nn.Module) -> None:
+        """Called once the weight is unmerged: undo :meth:`after_merge`."""
+
+    def unmerged_state(self, layer: nn.Module) -> dict[str, Tensor]:
+        """State-dict entries (``{"bias": b0}``) a merged layer must save instead of its merged ones."""
+        return {}
 
     def describe(self) -> str:
         return self.name
@@ -88,20 +94,26 @@ def variant_of(layer: nn.Module) -> LoraVariant | None:
     return layer.__dict__.get("lora_variant")
 
 
-def attach(layer: nn.Module, name: str | None, where: str = "") -> LoraVariant | None:
-    """Give ``layer`` the variant ``name`` (``None``: plain LoRA). Raises before changing the layer
-    when the variant does not support this layer type, naming the module ``where``."""
-    if name is None:
-        return None
+def builder_for(layer: nn.Module, name: str, where: str = "") -> LoraVariant:
+    """The variant object ``name`` for ``layer`` (not attached); raises, naming the module
+    ``where``, when the variant is not defined for this layer type."""
     if name not in _BUILDERS:
         raise LoraConfigError(f"unknown LoRA variant {name!r}; known: {sorted(_BUILDERS)}")
     if variant_of(layer) is not None:
         raise LoraConfigError(f"{where or type(layer).__name__}: already has the variant "
                               f"{variant_of(layer).describe()!r}; one variant per layer")
     try:
-        variant = _BUILDERS[name](layer)
+        return _BUILDERS[name](layer)
     except UnsupportedModuleError as e:
         raise UnsupportedModuleError(f"{where}: {e}" if where else str(e)) from None
+
+
+def attach(layer: nn.Module, name: str | None, where: str = "") -> LoraVariant | None:
+    """Give ``layer`` the variant ``name`` (``None``: plain LoRA). Raises before changing the layer
+    when the variant does not support this layer type, naming the module ``where``."""
+    if name is None:
+        return None
+    variant = builder_for(layer, name, where)
     if getattr(layer, "merged", False):
         raise LoraConfigError(f"{where or type(layer).__name__}: unmerge the layer before adding {name}")
     with torch.no_grad():

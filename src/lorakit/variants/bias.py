@@ -13,6 +13,7 @@ cannot merge).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,6 +33,7 @@ class LoraBias(LoraVariant):
 
     def __init__(self, conv: bool) -> None:
         self.conv = conv
+        self._b0: Tensor | None = None
 
     def bias(self, layer: nn.Module) -> Tensor:
         return layer._parameters[BIAS]
@@ -67,10 +69,19 @@ class LoraBias(LoraVariant):
         lora = F.linear(d @ A.transpose(0, 1), B, b_lora)  # (..., r) -> (..., out), + b_B
         return out + (lora * s).to(out.dtype)
 
-    def merged_bias(self, layer: nn.Module, b0: Tensor | None) -> Tensor | None:
-        if b0 is None:  # attach refuses this; kept for layers built by hand
-            raise UnsupportedModuleError(f"{type(layer).__name__}: lora_bias needs a base bias to merge into")
-        return b0.float() + self.bias(layer).float() * layer.scaling
+    def after_merge(self, layer: nn.Module, keep_original: bool) -> None:
+        b = layer._bias_param()
+        with torch.no_grad():
+            self._b0 = b.detach().clone()  # a bias is small: always kept, so unmerge is bit-exact
+            b.copy_((b.float() + self.bias(layer).float() * layer.scaling).to(b.dtype))
+
+    def after_unmerge(self, layer: nn.Module) -> None:
+        with torch.no_grad():
+            layer._bias_param().copy_(self._b0)
+        self._b0 = None
+
+    def unmerged_state(self, layer: nn.Module) -> dict[str, Tensor]:
+        return {"bias": self._b0.clone()} if self._b0 is not None else {}
 
     def describe(self) -> str:
         return "LoRA bias"

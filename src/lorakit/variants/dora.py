@@ -18,8 +18,9 @@ version of W0, A and B, so generation with nothing training computes it once.
 
 Tensors: ``lora_magnitude_vector`` on the layer (PEFT's shapes: (out,) for Linear, (dim,) for an
 Embedding, (1, out, 1, ...) for a convolution), saved under PEFT's key ``<module>.lora_magnitude_vector``.
-Merge: ``W' `` in fp32 from the exact fp32 sum, rounded once; unmerge restores W0's bits from the
-kept copy (or divides by the cached factor when the copy was not kept, as PEFT does).
+Merge: ``W'`` computed in float64 and rounded once into the weight's dtype (0 % of bf16/fp16
+elements off the rounding of the exact value); unmerge restores W0's bits from the kept copy (or
+divides by the cached factor when the copy was not kept, as PEFT does).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModuleError
+from ..errors import LoraError, UnsupportedModuleError
 from .base import LoraVariant, dropout_active, register_variant
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -51,8 +52,9 @@ class _Dora(LoraVariant):
         self._merge_factor: Tensor | None = None
 
     # --- what each layer kind says --------------------------------------------------------------
-    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        """``W0 + s B A`` in fp32, in the stored weight's layout (detached)."""
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        """``W0 + s B A`` in ``dtype``, in the stored weight's layout (detached)."""
         raise NotImplementedError
 
     def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
@@ -100,17 +102,21 @@ class _Dora(LoraVariant):
 
     # --- merge ------------------------------------------------------------------------------------
     def merged_weight(self, layer: nn.Module, w0: Tensor, delta: Tensor) -> Tensor:
-        full = w0 + delta  # (stored layout) fp32, the exact sum
+        # W' is a product and a quotient, not a sum: computed in float64 so that the one rounding
+        # into the weight's dtype is the rounding of the exact value (fp32 would be off by an ulp
+        # of fp32 often enough to move ~0.1% of fp16 elements).
+        A, B = layer.lora_A.detach(), layer.lora_B.detach()
+        full = self._full_weight(layer, w0, A, B, torch.float64)
         n = torch.linalg.vector_norm(full, dim=self._norm_dims(layer, w0), keepdim=True)
-        factor = self._factor(layer, n).detach()
+        factor = self.magnitude(layer).detach().double().reshape(n.shape) / n
         self._merge_factor = factor
         return full * factor
 
     def unmerged_weight(self, layer: nn.Module, w: Tensor, delta: Tensor) -> Tensor:
-        factor = self._merge_factor
-        if factor is None:  # merged by a checkpoint load: recompute from the current factors
-            factor = self._factor(layer, self.norm(layer, layer.lora_A, layer.lora_B)).detach()
-        return w / factor - delta
+        factor = self._merge_factor  # the norm of the *unmerged* weight, kept by merged_weight
+        if factor is None:
+            raise LoraError("DoRA: this layer was not merged by lorakit (no cached factor); cannot unmerge it")
+        return (w.double() / factor - delta.double()).float()
 
     def describe(self) -> str:
         return "DoRA"
@@ -119,9 +125,10 @@ class _Dora(LoraVariant):
 class DoraLinear(_Dora):
     """DoRA for ``Linear`` and GPT-2 ``Conv1D`` (weight stored (in, out) with ``fan_in_fan_out``)."""
 
-    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        ba = (B.float() @ A.float()) * layer.scaling  # (out, r) @ (r, in) -> (out, in)
-        return w.float() + (ba.transpose(0, 1) if layer.fan_in_fan_out else ba)
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        ba = (B.to(dtype) @ A.to(dtype)) * layer.scaling  # (out, r) @ (r, in) -> (out, in)
+        return w.to(dtype) + (ba.transpose(0, 1) if layer.fan_in_fan_out else ba)
 
     def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
         return (0,) if layer.fan_in_fan_out else (1,)
@@ -150,8 +157,9 @@ class DoraLinear(_Dora):
 class DoraEmbedding(_Dora):
     """DoRA for ``nn.Embedding``: the table is (num, dim); one magnitude per embedding dimension."""
 
-    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        return w.float() + ((B.float() @ A.float()) * layer.scaling).transpose(0, 1)  # (num, dim)
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        return w.to(dtype) + ((B.to(dtype) @ A.to(dtype)) * layer.scaling).transpose(0, 1)  # (num, dim)
 
     def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
         return (0,)
@@ -173,8 +181,9 @@ class DoraEmbedding(_Dora):
 class DoraConv(_Dora):
     """DoRA for Conv1d/2d/3d: one magnitude per output channel, stored (1, out, 1, ...) as PEFT."""
 
-    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        return w.float() + ((B.float() @ A.float()) * layer.scaling).view(w.shape)
+    def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        return w.to(dtype) + ((B.to(dtype) @ A.to(dtype)) * layer.scaling).view(w.shape)
 
     def _norm_dims(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
         return tuple(range(1, w.dim()))

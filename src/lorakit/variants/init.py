@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import LoraConfigError, UnsupportedModuleError
 
-__all__ = ["INIT_PATTERN", "apply_init", "initial_state", "is_weight_init", "to_plain_lora"]
+__all__ = ["INIT_PATTERN", "apply_init", "check_init", "initial_state", "is_weight_init", "to_plain_lora"]
 
 #: init values that rewrite W0 (checked by LoraConfig).
 INIT_PATTERN = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
@@ -40,16 +40,22 @@ def _stored_out_in(layer: nn.Module, w: Tensor) -> Tensor:
     return w.transpose(0, 1) if getattr(layer, "fan_in_fan_out", False) else w
 
 
-def apply_init(layer: nn.Module, init: str, where: str = "") -> None:
-    """Initialise ``layer``'s A, B from its weight and subtract ``s B A`` from the weight (in place)."""
+def check_init(layer: nn.Module, init: str, where: str = "") -> None:
+    """Raise if :func:`apply_init` would refuse ``layer``; changes nothing."""
     if not is_weight_init(init):
         raise LoraConfigError(f"init: {init!r} is not one of 'pissa', 'pissa_niter_<K>', 'olora'")
     if not hasattr(layer, "fan_in_fan_out") or getattr(layer, "enable_lora", None) is not None:
         raise UnsupportedModuleError(f"{where or type(layer).__name__}: init={init!r} is defined for Linear "
                                      "and GPT-2 Conv1D layers (not fused slices, embeddings or convolutions)")
+    dtype = layer._weight_param().dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UnsupportedModuleError(f"{where}: init={init!r} needs a float32/16 or bfloat16 weight, got {dtype}")
+
+
+def apply_init(layer: nn.Module, init: str, where: str = "") -> None:
+    """Initialise ``layer``'s A, B from its weight and subtract ``s B A`` from the weight (in place)."""
+    check_init(layer, init, where)
     w = layer._weight_param()
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise UnsupportedModuleError(f"{where}: init={init!r} needs a float32/16 or bfloat16 weight, got {w.dtype}")
     r, s = layer.r, layer.scaling
     with torch.no_grad():
         W = _stored_out_in(layer, w.detach()).float()  # (out, in)

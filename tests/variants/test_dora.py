@@ -1,0 +1,208 @@
+"""DoRA against the real PEFT (both directions, non-zero B, a magnitude that is not the norm) and
+against the plain-PyTorch formula W' = m (W0 + s B A) / ||W0 + s B A||."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.errors import LoraConfigError, UnsupportedModuleError
+from lorakit.inject import lora_layers
+from lorakit.variants import variant_of
+
+peft = pytest.importorskip("peft", reason="peft is needed to compare DoRA with the reference implementation")
+
+
+class _Wrap(nn.Module):
+    def __init__(self, *mods: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _EmbLin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lin = nn.Linear(8, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(ids))
+
+
+def _gpt2_conv1d() -> nn.Module:
+    tr = pytest.importorskip("transformers.pytorch_utils", reason="transformers provides GPT-2's Conv1D")
+    return _Wrap(tr.Conv1D(7, 6), nn.Tanh(), tr.Conv1D(5, 7))
+
+
+# name -> (model builder, targets, input builder)
+CASES = {
+    "mlp": (lambda: _Wrap(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 5, bias=False)), ["body.0", "body.2"],
+            lambda: torch.randn(4, 6)),
+    "gpt2_conv1d": (_gpt2_conv1d, ["body.0", "body.2"], lambda: torch.randn(3, 6)),
+    "embedding": (_EmbLin, ["emb", "lin"], lambda: torch.randint(0, 20, (2, 5))),
+    "conv1d": (lambda: _Wrap(nn.Conv1d(3, 4, 3, padding=1)), ["body.0"], lambda: torch.randn(2, 3, 9)),
+    "conv2d": (lambda: _Wrap(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), ["body.0", "body.2"],
+               lambda: torch.randn(2, 3, 6, 6)),
+    "conv3d": (lambda: _Wrap(nn.Conv3d(2, 3, (1, 2, 2))), ["body.0"], lambda: torch.randn(2, 2, 2, 4, 4)),
+}
+
+
+def _perturb(model: nn.Module) -> None:
+    """Random magnitudes and B so nothing is at its init value (no vacuous comparison)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1 + 0.5 * torch.rand_like(p))
+            elif "lora_B" in n or "lora_embedding_B" in n or "lora_embedding_A" in n:
+                p.normal_(0, 0.3)
+
+
+def _peft_model(base: nn.Module, targets: list[str]) -> nn.Module:
+    cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=targets, use_dora=True, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    _perturb(pm)
+    return pm
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_dora_adapter_loads_with_peft_outputs(case: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    build, targets, inp = CASES[case]
+    base = build()
+    pm = _peft_model(base, targets)
+    pm.save_pretrained(tmp_path / "peft")
+    x = inp()
+    pm.eval()
+    want = pm(x)
+    ours = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert all(variant_of(m) is not None for _, m in lora_layers(ours))
+    got = ours(x)
+    assert (got - want).abs().max().item() < 1e-5
+    assert (got - base(x)).abs().max().item() > 1e-2  # the adapter really changes the output
+    # gradients (train mode, no dropout): same magnitude / A / B gradients as PEFT's detached norm
+    pm.train()
+    ours.train()
+    pm(x).square().sum().backward()
+    ours(x).square().sum().backward()
+    peft_grads = {n: p.grad for n, p in pm.named_parameters() if p.grad is not None}
+    for name, layer in lora_layers(ours):
+        g = [v for k, v in peft_grads.items() if f".{name}.lora_magnitude_vector" in k][0]
+        assert torch.allclose(layer.lora_magnitude_vector.grad.reshape(g.shape), g, rtol=1e-5, atol=1e-6)
+        gb = [v for k, v in peft_grads.items() if f".{name}.lora_B" in k or f".{name}.lora_embedding_B" in k][0]
+        assert torch.allclose(layer.lora_B.grad.reshape(gb.shape), gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lorakit_dora_adapter_loads_in_peft_with_our_outputs(case: str, tmp_path) -> None:
+    torch.manual_seed(1)
+    build, targets, inp = CASES[case]
+    base = build()
+    ours = lorakit.inject(copy.deepcopy(base), LoraConfig(r=2, alpha=5, targets=targets, use_dora=True))
+    _perturb(ours)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    x = inp()
+    ours.eval()
+    want = ours(x)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    got = pm(x)
+    assert (got - want).abs().max().item() < 1e-5
+    assert (want - base(x)).abs().max().item() > 1e-3
+
+
+def _formula_linear(layer: nn.Module) -> torch.Tensor:
+    """W' = m (W0 + s B A) / ||W0 + s B A||_row, plain torch in float64, returned as fp32 (out, in)."""
+    W0 = layer.weight.detach().double()
+    W0 = W0.t() if layer.fan_in_fan_out else W0
+    full = W0 + layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+    return (layer.lora_magnitude_vector.detach().double()[:, None] * full / full.norm(dim=1, keepdim=True)).float()
+
+
+def test_linear_matches_formula_forward_merge_and_bit_exact_unmerge() -> None:
+    torch.manual_seed(2)
+    model = _Wrap(nn.Linear(16, 12))
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["body.0"], use_dora=True))
+    _perturb(model)
+    layer = model.body[0]
+    x = torch.randn(5, 16)
+    Wp = _formula_linear(layer)
+    want = F.linear(x, Wp, layer.bias)
+    assert (model(x) - want).abs().max().item() < 1e-5
+    w0 = layer.weight.detach().clone()
+    lorakit.merge(model)
+    assert (layer.weight - Wp).abs().max().item() < 1e-6  # fp32: the merged weight is the formula's
+    assert (model(x) - want).abs().max().item() < 1e-5
+    lorakit.unmerge(model)
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_merge_is_one_rounding_of_the_fp32_result_and_unmerge_bit_exact(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    model = _Wrap(nn.Linear(64, 48)).to(dtype)
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["body.0"], use_dora=True))
+    _perturb(model)
+    layer = model.body[0]
+    exact = _formula_linear(layer)
+    w0 = layer.weight.detach().clone()
+    lorakit.merge(model)
+    off = (layer.weight != exact.to(dtype)).float().mean().item()
+    assert off == 0.0, f"{100 * off:.2f}% of merged elements are not the one rounding of the exact result"
+    lorakit.unmerge(model)
+    assert torch.equal(layer.weight, w0)
+    lorakit.merge(model, keep_original=False)  # PEFT's way: divide by the cached factor
+    lorakit.unmerge(model)
+    assert (layer.weight.float() - w0.float()).abs().max().item() < 0.05
+
+
+def test_dropout_training_form_is_peft_formula() -> None:
+    torch.manual_seed(4)
+    model = _Wrap(nn.Linear(10, 6))
+    lorakit.inject(model, LoraConfig(r=2, alpha=4, dropout=0.5, targets=["body.0"], use_dora=True))
+    _perturb(model)
+    layer = model.body[0].train()
+    x = torch.randn(3, 10)
+    torch.manual_seed(9)
+    got = model(x)
+    torch.manual_seed(9)
+    d = F.dropout(x, 0.5, training=True)
+    W0, s = layer.weight.detach(), layer.scaling
+    n = (W0 + s * layer.lora_B.detach() @ layer.lora_A.detach()).norm(dim=1)
+    f = layer.lora_magnitude_vector.detach() / n
+    want = F.linear(x, W0, layer.bias) + (f - 1) * F.linear(d, W0) + f * s * (d @ layer.lora_A.t() @ layer.lora_B.t())
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_norm_is_detached_and_cached_when_nothing_changes() -> None:
+    torch.manual_seed(5)
+    model = _Wrap(nn.Linear(8, 8))
+    lorakit.inject(model, LoraConfig(r=2, alpha=4, targets=["body.0"], use_dora=True))
+    layer = model.body[0]
+    v = variant_of(layer)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        model(x)
+        n1 = v._norm
+        model(x)
+        assert v._norm is n1  # cached: same tensor object
+        layer.lora_B.add_(0.1)
+        model(x)
+        assert v._norm is not n1  # B changed (version bump): recomputed
+    assert not v._norm.requires_grad
+
+
+def test_dora_refused_where_not_defined() -> None:
+    model = _Wrap(nn.Linear(6, 6))
+    with pytest.raises(UnsupportedModuleError, match="fused"):
+        lorakit.inject(model, LoraConfig(r=2, targets=["body.0"], use_dora=True, fused={"body.0": (True, False)}))
+    assert not list(lora_layers(model))  # nothing changed
+    with pytest.raises(LoraConfigError, match="lora_bias"):
+        LoraConfig(r=2, targets=["x"], use_dora=True, lora_bias=True)
