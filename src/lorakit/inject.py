@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .checks import require_config, takes_model
 from .config import ALL_LINEAR, LoraConfig
-from .errors import AlreadyInjectedError, TargetNotFoundError, UnsupportedModuleError
+from .errors import (
+    AlreadyInjectedError,
+    ArgumentTypeError,
+    NotAModuleError,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+)
 from .layers import Embedding, LoraConv1d, LoraConv2d, LoraConv3d, LoraLayer, MergedLinear, is_conv1d_like
 from .layers import Linear as LoraLinear
 from .quant import backend as _quant
@@ -69,6 +76,12 @@ _CONV1D_NAME = "transformers Conv1D"
 
 def register_layer(module_type: type, factory: Factory) -> None:
     """Teach :func:`inject` a new module type: ``factory(module, spec) -> LoraLayer``."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise NotAModuleError(f"register_layer: expected module_type as a torch.nn.Module subclass "
+                              f"(e.g. nn.Linear), got {module_type!r}")
+    if not callable(factory):
+        raise ArgumentTypeError(f"register_layer: expected factory as a callable (module, spec) -> LoraLayer, "
+                                f"got {type(factory).__name__}")
     REGISTRY[module_type] = factory
 
 
@@ -92,6 +105,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d_like(module)
 
 
+@takes_model
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """Every LoRA layer of ``model`` with its qualified name."""
     for name, m in model.named_modules():
@@ -202,6 +216,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+@takes_model
 def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap every module ``config`` targets with a LoRA layer, in place; freeze the rest.
 
@@ -209,6 +224,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     Raises before changing anything when a target matches nothing, a type is unsupported, or a
     module already has LoRA.
     """
+    require_config(config, "inject")
     matches = resolve(model, config)
     built = build_layers(matches)  # every layer checked before a weight-rewriting init runs
     if not hasattr(model, "_lorakit_requires_grad"):
@@ -247,6 +263,7 @@ def apply_trainable(model: nn.Module, config: LoraConfig) -> None:
             p.requires_grad = True
 
 
+@takes_model
 def unwrap(model: nn.Module) -> nn.Module:
     """Remove every LoRA layer, restoring the original modules (unmerged, bit-exact weights)."""
     for name, layer in list(lora_layers(model)):
@@ -316,8 +333,10 @@ class Plan:
         return "\n".join(lines)
 
 
+@takes_model
 def plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Dry run of :func:`inject`: same validation and errors, no change to the model."""
+    require_config(config, "plan")
     matches = resolve(model, config)
     out = Plan(total_params=sum(p.numel() for p in model.parameters()))
     for m in matches:
