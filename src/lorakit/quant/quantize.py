@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checks import takes_model
 from ..layers import LoraLayer, is_conv1d_like
 from . import backend as QB
 from . import weights as QW
@@ -144,6 +145,7 @@ def quantized_linear(m: nn.Module, opts: QuantOptions) -> nn.Module:
     return q
 
 
+@takes_model
 def quantize_base(model: nn.Module, quant_type: str = "nf4", *, skip: Sequence[str] = ("lm_head",),
                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                   blocksize: int = 64) -> nn.Module:
