@@ -206,3 +206,47 @@ def test_dora_refused_where_not_defined() -> None:
     assert not list(lora_layers(model))  # nothing changed
     with pytest.raises(LoraConfigError, match="lora_bias"):
         LoraConfig(r=2, targets=["x"], use_dora=True, lora_bias=True)
+
+
+def test_named_adapters_and_mixed_batches_refuse_variants() -> None:
+    from lorakit.errors import MixedBatchError
+
+    model = _Wrap(nn.Linear(6, 6))
+    lorakit.inject(model, LoraConfig(r=2, targets=["body.0"], use_dora=True))
+    with pytest.raises(UnsupportedModuleError, match="DoRA"):
+        lorakit.add_adapter(model, "b", LoraConfig(r=2, targets=["body.0"]))
+    with pytest.raises(MixedBatchError, match="variant"):
+        with lorakit.batch_adapters(model, ["default", "base"]):
+            model(torch.randn(2, 6))
+    plain = lorakit.inject(_Wrap(nn.Linear(6, 6)), LoraConfig(r=2, targets=["body.0"]))
+    with pytest.raises(UnsupportedModuleError, match="use_dora"):
+        lorakit.add_adapter(plain, "b", LoraConfig(r=2, targets=["body.0"], use_dora=True))
+    assert lorakit.list_adapters(plain) == ["default"]
+
+
+@pytest.mark.parametrize("case", ["mlp", "embedding", "conv2d"])
+def test_merge_and_unload_gives_plain_model_with_dora_outputs(case: str) -> None:
+    torch.manual_seed(6)
+    build, targets, inp = CASES[case]
+    model = lorakit.inject(build(), LoraConfig(r=2, alpha=5, targets=targets, use_dora=True))
+    _perturb(model)
+    x = inp()
+    want = model.eval()(x)
+    plain = lorakit.merge_and_unload(model)
+    assert not list(lora_layers(plain))
+    assert (plain(x) - want).abs().max().item() < 1e-5
+
+
+def test_state_dict_of_merged_model_holds_w0_and_reloads() -> None:
+    torch.manual_seed(7)
+    model = lorakit.inject(_Wrap(nn.Linear(6, 5)), LoraConfig(r=2, targets=["body.0"], use_dora=True))
+    _perturb(model)
+    x = torch.randn(3, 6)
+    want = model(x)
+    w0 = model.body[0].weight.detach().clone()
+    lorakit.merge(model)
+    sd = model.state_dict()
+    assert torch.equal(sd["body.0.weight"], w0) and "body.0.lora_magnitude_vector" in sd
+    fresh = lorakit.inject(_Wrap(nn.Linear(6, 5)), LoraConfig(r=2, targets=["body.0"], use_dora=True))
+    fresh.load_state_dict(sd)
+    assert (fresh(x) - want).abs().max().item() < 1e-5

@@ -26,6 +26,7 @@ from ..inject import (
 )
 from ..layers import ConvLoRA, Embedding, LoraLayer, MergedLinear, _InjectedConv
 from ..layers import Linear as LoraLinear
+from ..variants.base import refuse_named
 from .registry import (
     _ABSENT,
     DEFAULT,
@@ -156,6 +157,7 @@ def _exact(specs: dict[str, LayerSpec],
 
 def _stage(model: nn.Module, name: str, config: LoraConfig, init: bool,
            exact: tuple[dict[str, LayerSpec], dict[str, nn.Module]] | None = None) -> _Staged:
+    refuse_named(model, config, f"adapter {name!r}")  # DoRA / LoRA bias: the first adapter only, for now
     staged = _Staged(name, config, {}, {})
     found = _exact(*exact) if exact is not None else _match(model, config)
     for mod_name, m, spec in found:

@@ -169,6 +169,9 @@ class _MixedBatch:
         for mod_name, layer in self.reg.layers:
             slots = _slots(layer)
             avail = tuple(n for n in self.used if n in slots)
+            if avail and layer.__dict__.get("lora_variant") is not None:  # its own forward (DoRA, LoRA bias)
+                raise MixedBatchError(f"mixed-adapter batches: {mod_name!r} has a LoRA variant "
+                                      f"({layer.__dict__['lora_variant'].describe()}); use one adapter per batch")
             if avail and not isinstance(layer, _SUPPORTED):
                 raise MixedBatchError(f"mixed-adapter batches support Linear, MergedLinear and Embedding layers; "
                                       f"{mod_name!r} is a {type(layer).__name__} (use one adapter per batch for it)")

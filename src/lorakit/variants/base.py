@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import LoraConfigError, UnsupportedModuleError
 
-__all__ = ["LoraVariant", "attach", "builder_for", "detach", "register_variant", "variant_of"]
+__all__ = ["LoraVariant", "attach", "builder_for", "detach", "refuse_named", "register_variant", "variant_of"]
 
 
 class LoraVariant:
@@ -130,6 +130,20 @@ def detach(layer: nn.Module) -> None:
     layer.unmerge()  # type: ignore[operator]
     variant.detach(layer)
     del layer.__dict__["lora_variant"]
+
+
+def refuse_named(model: nn.Module, config: Any, what: str) -> None:
+    """Named adapters (``add_adapter``, ``load_adapter(name=)``, ``combine``) keep one (A, B) pair per
+    adapter and no variant tensors yet: refuse a variant config, or a model whose layers carry one."""
+    flags = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
+    if flags:
+        raise UnsupportedModuleError(f"{what}: {flags[0]}=True is supported for the model's first adapter "
+                                     "(inject / load_adapter without name=), not for named adapters yet")
+    for name, m in model.named_modules():
+        v = variant_of(m)
+        if v is not None:
+            raise UnsupportedModuleError(f"{what}: module {name!r} has a {v.describe()} adapter; named adapters "
+                                         "next to a variant are not supported yet (unwrap or merge_and_unload first)")
 
 
 def dropout_active(layer: nn.Module) -> bool:
