@@ -54,6 +54,7 @@ from .layers import (
     MergedLinear,
 )
 from .merge import merge, merge_and_unload, unmerge
+from .optim import loraplus_param_groups
 from .state import ParamCount, lora_state_dict, mark_only_lora_as_trainable, trainable_parameters
 
 __version__ = "0.1.0"
@@ -77,3 +78,4 @@ __all__ += [
     "active_adapters", "add_adapter", "batch_adapters", "combine", "delete_adapter", "disable_adapters",
     "list_adapters", "set_adapter", "use_adapter",
 ]
+__all__ += ["loraplus_param_groups"]
