@@ -119,8 +119,7 @@ def test_conv1d_and_tied_and_odd_layers() -> None:
 
 
 def test_bad_inputs_are_typed_and_leave_the_model_unchanged(toy: Toy, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lorakit.errors import LoraError
-    from lorakit.errors import QuantBackendError, QuantizationError
+    from lorakit.errors import LoraError, QuantBackendError, QuantizationError
 
     before = _snapshot(toy)
     with pytest.raises(QuantizationError, match="'nf3' does not exist; valid: \\['nf4', 'fp4', 'int8'\\]"):

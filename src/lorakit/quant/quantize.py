@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ..checks import takes_model
+from ..errors import QuantizationError
 from ..layers import LoraLayer, is_conv1d_like
 from . import backend as QB
 from . import weights as QW
-from ..errors import QuantizationError
 
 
 @dataclass(frozen=True)
@@ -180,4 +180,9 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", *, skip: Sequence[s
         else:
             _set_module(model, name, q)
     model._lorakit_quant_skipped = dict(getattr(model, "_lorakit_quant_skipped", {}), **skipped)
+    flag = "is_loaded_in_8bit" if opts.quant_type == "int8" else "is_loaded_in_4bit"
+    try:  # what transformers sets for a BitsAndBytesConfig load; PEFT picks its bnb layers from it
+        setattr(model, flag, True)
+    except AttributeError:  # a read-only property on some model classes
+        pass
     return model

@@ -79,7 +79,8 @@ def differences(rec: dict[str, Any] | None, now: dict[str, Any] | None) -> list[
     if "layers" in rec or "layers" in now:
         a, b = rec.get("layers"), now.get("layers")
         return [] if a == b else [f"per-layer quantization differs: recorded {a or rec}, now {b or now}"]
-    return [f"{k}: recorded {rec.get(k)!r}, this base has {now.get(k)!r}" for k in _COMPARED if rec.get(k) != now.get(k)]
+    return [f"{k}: recorded {rec.get(k)!r}, this base has {now.get(k)!r}"
+            for k in _COMPARED if rec.get(k) != now.get(k)]
 
 
 def after_load(model: nn.Module, path: str | Path, name: str = "default") -> None:
