@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from lorakit.train import metrics
 from lorakit.train.batching import IGNORE, Feature, collate, format_prompt, prompt_ids
 from lorakit.train.data import MRGroup, TaskSpec
+from lorakit.train.e2e_metrics import e2e_scores
+from lorakit.train.memory import generation_batch_size
 
 
 def loss_sum(
@@ -28,6 +30,39 @@ def loss_sum(
             shifted, target, ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing
         )
     return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
+
+
+def _lm_parts(model: Any) -> tuple[Any, Any] | None:
+    """(decoder body, output head) of a plain causal LM, or None where logits need the model's own forward
+    (logit soft-capping or scaling, or no ``get_decoder``)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_dec is None or get_head is None:
+        return None
+    body, head = get_dec(), get_head()
+    return (body, head) if body is not None and head is not None else None
+
+
+def lm_loss_sum_chunked(
+    model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk_rows: int = 256
+) -> torch.Tensor:
+    """Summed next-token loss of a causal LM without its full (batch, length, vocab) logits: the head runs
+    only on positions that have a target, ``chunk_rows`` of them at a time. Equals :func:`loss_sum`."""
+    parts = _lm_parts(model)
+    if parts is None:
+        return loss_sum(model(**inputs).logits, labels, "generation")
+    body, head = parts
+    hidden = body(**inputs).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    rows, tgt = hidden[keep], target[keep]
+    total = torch.zeros((), device=hidden.device)
+    for i in range(0, rows.size(0), chunk_rows):
+        logits = head(rows[i : i + chunk_rows]).float()
+        total = total + F.cross_entropy(logits, tgt[i : i + chunk_rows], reduction="sum")
+    return total
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -61,9 +96,13 @@ def evaluate(
     for i in range(0, len(feats), batch_size):
         chunk = feats[i : i + batch_size]
         batch = collate(chunk, pad_id)
-        with autocast(device, bf16):
-            logits = model(**model_inputs(batch, device)).logits
         labels = batch["labels"].to(device)
+        with autocast(device, bf16):
+            if spec.kind == "generation":  # no full-vocabulary logits kept (#19 section 6)
+                total += float(lm_loss_sum_chunked(model, model_inputs(batch, device), labels))
+                units += sum(f.units for f in chunk)
+                continue
+            logits = model(**model_inputs(batch, device)).logits
         total += float(loss_sum(logits, labels, spec.kind))
         units += sum(f.units for f in chunk)
         if spec.kind == "classification":
@@ -96,8 +135,14 @@ def generate(
     bf16: bool = False,
     template: bool = True,
     progress: bool = False,
+    memory_mb: float | None = None,
 ) -> list[str]:
-    """Beam-search continuations of ``prompts`` (left-padded batches); returns the new text only."""
+    """Beam-search continuations of ``prompts`` (left-padded batches); returns the new text only.
+
+    With ``memory_mb``, ``batch_size`` is lowered so that one call's KV cache and logits fit in it."""
+    if memory_mb:
+        longest = max((len(prompt_ids(tokenizer, format_prompt(p) if template else p)) for p in prompts), default=0)
+        batch_size = generation_batch_size(model, batch_size, num_beams, longest + max_new_tokens, memory_mb)
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id
@@ -134,12 +179,13 @@ def generate(
 
 
 def score_e2e(
-    model: Any, tokenizer: Any, groups: Sequence[MRGroup], **gen_kw: Any
+    model: Any, tokenizer: Any, groups: Sequence[MRGroup], *, with_meteor: bool = True, **gen_kw: Any
 ) -> tuple[dict[str, float], list[str]]:
-    """Generate one text per MR and score corpus BLEU against all references of each MR."""
+    """Generate one text per MR and score the paper's five E2E metrics against all references of each MR
+    (METEOR is None where Java is missing; see :mod:`lorakit.train.e2e_metrics`)."""
     hyps = generate(model, tokenizer, [g.mr for g in groups], **gen_kw)
-    bleu = metrics.corpus_bleu(hyps, [g.refs for g in groups])
-    return {"bleu": bleu, "n_mrs": float(len(groups))}, hyps
+    scores = e2e_scores(hyps, [g.refs for g in groups], with_meteor=with_meteor)
+    return {**scores, "n_mrs": float(len(groups))}, hyps
 
 
 def decoding(cfg: Any) -> dict[str, Any]:
@@ -150,4 +196,5 @@ def decoding(cfg: Any) -> dict[str, Any]:
         "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
         "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.eval_batch_size,
+        "memory_mb": getattr(cfg, "gen_memory_mb", None),
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import shutil
 import time
 from contextlib import nullcontext
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from lorakit.atomic import output_problem
+from lorakit.optim import loraplus_param_groups
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
 from lorakit.train import fsdp, sharded_ckpt
@@ -27,6 +27,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.data import TaskSpec, eval_digest, get_task, load_task_data, subsample
 from lorakit.train.errors import DataError, TrainConfigError
 from lorakit.train.evaluate import autocast, decoding, evaluate, loss_sum, model_inputs, score_e2e
+from lorakit.train.memory import PhasePeaks, peak_rss_mb
 from lorakit.train.methods import apply_method, save_result
 from lorakit.train.models import load_model, load_tokenizer, resolve
 from lorakit.train.runlog import MetricsLog, plot_loss
@@ -55,8 +56,9 @@ def better(metric: str, new: float, old: float | None) -> bool:
     return new < old if metric == "loss" else new > old
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def peak_memory_mb(device: torch.device, peaks: PhasePeaks | None = None) -> dict[str, float]:
+    """Peak RSS overall and (with ``peaks``) of the train steps and of eval / generation separately."""
+    out = peaks.report() if peaks is not None else {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -163,10 +165,11 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.resolved_lr(),
-        )
+        if c.loraplus_ratio is not None:  # LoRA+: B at lr * ratio (PEFT's groups)
+            groups = loraplus_param_groups(model, c.resolved_lr(), c.loraplus_ratio, weight_decay=c.weight_decay)
+        else:
+            groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=c.resolved_lr())
         spe = self.schedule.steps_per_epoch
         total = c.max_steps or max(1, math.ceil(c.epochs * spe))
         warmup = c.warmup_steps if c.warmup_steps is not None else round(c.warmup_ratio * total)
@@ -225,6 +228,7 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
             )
+        self.peaks = PhasePeaks("train")
         t0 = time.perf_counter()
         win_t, win_n = time.perf_counter(), 0
         start_step = step
@@ -291,15 +295,16 @@ class Trainer:
         metric = "loss" if self.spec.kind == "generation" else self.spec.metric
         res: dict[str, float] = {}
         if self.ctx.is_main or self.cfg.fsdp:  # under FSDP every rank takes part in each forward
-            res = evaluate(
-                self.model,
-                self.spec,
-                self.eval_feats,
-                pad_id=self.pad_id,
-                batch_size=self.cfg.eval_batch_size,
-                device=self.ctx.device,
-                bf16=bf16,
-            )
+            with self.peaks.phase("eval"):
+                res = evaluate(
+                    self.model,
+                    self.spec,
+                    self.eval_feats,
+                    pad_id=self.pad_id,
+                    batch_size=self.cfg.eval_batch_size,
+                    device=self.ctx.device,
+                    bf16=bf16,
+                )
             self.log.append({"split": "eval", "step": step, **res})
             if better(metric, res[metric], best["value"]):
                 best.update(value=res[metric], step=step, metrics=res)
@@ -363,15 +368,16 @@ class Trainer:
             gen: dict[str, float] = {}
             if self.spec.kind == "generation":
                 groups = self.eval_raw[: c.gen_max_mrs] if c.gen_max_mrs else self.eval_raw
-                gen, hyps = score_e2e(
-                    self.model,
-                    self.tokenizer,
-                    groups,
-                    **decoding(c),
-                    device=ctx.device,
-                    bf16=bf16,
-                    progress=c.progress,
-                )
+                with self.peaks.phase("eval"):
+                    gen, hyps = score_e2e(
+                        self.model,
+                        self.tokenizer,
+                        groups,
+                        **decoding(c),
+                        device=ctx.device,
+                        bf16=bf16,
+                        progress=c.progress,
+                    )
                 (self.run_dir / "generations.txt").write_text(
                     "".join(h + "\n" for h in hyps), encoding="utf-8"
                 )
@@ -399,7 +405,7 @@ class Trainer:
                 "world_size": ctx.world_size,
                 "saved": str(saved),
                 "saved_best": str(best_path) if best_path else None,
-                **peak_memory_mb(ctx.device),
+                **peak_memory_mb(ctx.device, self.peaks),
             }
             ckpt.atomic_json(results, self.run_dir / "results.json")
             plot_loss(
