@@ -97,9 +97,10 @@ def describe_nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:
 
 
 def check_finite(tensors: Mapping[str, Tensor], source: object,
-                 error: Callable[[str], Exception] = NonFiniteTensorError) -> None:
+                 error: Callable[[str], Exception] = NonFiniteTensorError,
+                 hint: str = "pass allow_nonfinite=True to load them anyway") -> None:
     """Raise ``error`` naming every tensor of ``tensors`` (read from ``source``) that holds NaN or inf."""
     lines = describe_nonfinite(tensors)
     if lines:
         raise error(f"{source}: holds non-finite weights, which would poison the model:\n  " + "\n  ".join(lines)
-                    + "\n(pass allow_nonfinite=True to load them anyway)")
+                    + f"\n({hint})")

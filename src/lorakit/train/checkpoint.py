@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lorakit.atomic import atomic_write
+from lorakit.checks import check_finite
 from lorakit.train.errors import ResumeError
 
 CHECKPOINT = "checkpoint.pt"
@@ -64,13 +65,28 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], path: Path) -
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file (CPU tensors)."""
+    """Load a checkpoint file (CPU tensors); NaN or inf in its weights or optimizer state raise
+    :class:`ResumeError` naming each tensor (resuming would train on from a diverged state)."""
     if not path.is_file():
         raise ResumeError(f"no checkpoint at {path}; start the run without --resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise ResumeError(f"checkpoint {path} is unreadable: {exc}") from exc
+    check_finite(_tensors(state), path, ResumeError,
+                 hint="the run diverged before this checkpoint was written; start over with --overwrite")
+    return state
+
+
+def _tensors(state: Any) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights and optimizer-state tensors, by readable names."""
+    out: dict[str, torch.Tensor] = {}
+    if not isinstance(state, dict):
+        return out
+    out.update({f"trainable.{k}": v for k, v in (state.get("trainable") or {}).items()})
+    for i, slots in ((state.get("optimizer") or {}).get("state") or {}).items():
+        out.update({f"optimizer.state.{i}.{k}": v for k, v in slots.items() if isinstance(v, torch.Tensor)})
+    return out
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

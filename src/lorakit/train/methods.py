@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lorakit.atomic import atomic_dir, atomic_write
+from lorakit.checks import check_finite
 from lorakit.train.checkpoint import copy_into_parameters, trainable_state
 from lorakit.train.errors import TrainConfigError
 from lorakit.train.models import default_targets, head_modules
@@ -105,7 +106,9 @@ def load_head(model: torch.nn.Module, path: str | Path) -> None:
     """Load a head-only run's ``head.safetensors`` into a freshly loaded model."""
     from safetensors.torch import load_file
 
-    copy_into_parameters(model, load_file(str(path)), lambda names: TrainConfigError(
+    state = load_file(str(path))
+    check_finite(state, f"--head: {path}", TrainConfigError, hint="the run that wrote it diverged")
+    copy_into_parameters(model, state, lambda names: TrainConfigError(
         f"--head: {path} holds tensors the model lacks: {names}"))
 
 

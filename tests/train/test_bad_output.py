@@ -1,0 +1,164 @@
+"""The training tools' writers and readers refuse bad paths and non-finite weights (issue 19 §1).
+
+An output path of the wrong kind (``--output`` / ``--output-dir`` that is a regular file, an eval
+``--output`` that is a directory) fails with a typed error *before* the model is loaded, leaving the
+file as it was; a checkpoint or head file holding NaN/inf is refused on ``--resume`` / ``--head``,
+naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import lorakit
+from lorakit.errors import LoraError
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.config import DemoConfig, EvalConfig, MergeConfig, TrainConfig
+from lorakit.train.errors import ResumeError, TrainConfigError
+from .conftest import tiny_eval_options, tiny_train_options
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def tiny_adapter(tiny_bert: Path, tmp_path: Path) -> Path:
+    """A LoRA adapter for the tiny BERT, with the lorakit_train.json that ``lorakit merge`` reads."""
+    from transformers import BertForSequenceClassification
+
+    model = lorakit.inject(BertForSequenceClassification.from_pretrained(tiny_bert),
+                           lorakit.LoraConfig(r=2, alpha=4, targets=["query", "value"]))
+    path = lorakit.save_adapter(model, tmp_path / "adapter")
+    (path / "lorakit_train.json").write_text(json.dumps({"model": str(tiny_bert), "task": "sst2"}))
+    return path
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_merge_output_that_is_a_file_is_refused(tiny_adapter: Path, tmp_path: Path, overwrite: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.train import commands
+
+    out = tmp_path / "merged"
+    out.write_text("keep me")
+    before = tree(tmp_path)
+    monkeypatch.setattr(commands, "load_for_task", _never)  # refused before loading anything
+    with pytest.raises(LoraError, match="merged") as info:
+        commands.run_merge(MergeConfig.build({"adapter": str(tiny_adapter), "output": str(out),
+                                              "overwrite": overwrite}))
+    assert "--output" in str(info.value)
+    assert tree(tmp_path) == before
+
+
+def test_merge_output_below_a_file_is_refused(tiny_adapter: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.train import commands
+
+    (tmp_path / "models").write_text("keep me")
+    before = tree(tmp_path)
+    monkeypatch.setattr(commands, "load_for_task", _never)
+    with pytest.raises(LoraError, match="models"):
+        commands.run_merge(MergeConfig.build({"adapter": str(tiny_adapter), "output": str(tmp_path / "models" / "m")}))
+    assert tree(tmp_path) == before
+
+
+def test_merge_overwrite_replaces_a_model_directory_atomically(tiny_adapter: Path, tmp_path: Path) -> None:
+    from lorakit.train.commands import run_merge
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    run_merge(MergeConfig.build({"adapter": str(tiny_adapter), "output": str(out), "overwrite": True}))
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temporary left behind
+
+
+def _never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the model was loaded although the output path is unusable")
+
+
+def test_train_output_dir_that_is_a_file_is_refused_before_loading(
+        tiny_bert: Path, sentiment_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.train import loop
+
+    run = tmp_path / "run"
+    run.write_text("keep me")
+    monkeypatch.setattr(loop, "load_model", _never)
+    with pytest.raises(TrainConfigError, match="--output-dir.*run"):
+        loop.Trainer(TrainConfig.build(tiny_train_options(tiny_bert, sentiment_files, output_dir=run)))
+    assert run.read_text() == "keep me"
+
+
+def test_eval_output_that_is_a_directory_is_refused_before_loading(
+        tiny_bert: Path, sentiment_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.train import commands
+
+    (tmp_path / "metrics.json").mkdir()
+    monkeypatch.setattr(commands, "load_for_task", _never)
+    with pytest.raises(TrainConfigError, match="--output.*metrics.json"):
+        commands.run_eval(EvalConfig.build(tiny_eval_options(tiny_bert, sentiment_files,
+                                                             output=tmp_path / "metrics.json")))
+    assert tree(tmp_path) == {"metrics.json": None}
+
+
+def test_demo_output_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    from lorakit.train.demo import run_demo
+
+    (tmp_path / "demo").write_text("keep me")
+    with pytest.raises(TrainConfigError, match="--output-dir.*demo"):
+        run_demo(DemoConfig.build({"output_dir": str(tmp_path / "demo"), "progress": False}))
+    assert tree(tmp_path) == {"demo": b"keep me"}
+
+
+# --- non-finite weights on the way in ---------------------------------------------------------------
+def _poisoned_checkpoint(path: Path, where: str) -> None:
+    good = {"bert.layer.0.query.lora_A": torch.randn(2, 8), "classifier.weight": torch.randn(2, 8)}
+    state = {"step": 3, "fingerprint": "x", "config": {}, "best": {}, "rng": [],
+             "trainable": dict(good), "optimizer": {"state": {0: {"step": torch.tensor(3.0),
+                                                                   "exp_avg": torch.zeros(2, 8)}},
+                                                     "param_groups": []}, "scheduler": {}}
+    if where == "trainable":
+        state["trainable"]["classifier.weight"][1, 2] = math.nan
+    else:
+        state["optimizer"]["state"][0]["exp_avg"][0, 0] = math.inf
+    ckpt.atomic_save(state, path)
+
+
+@pytest.mark.parametrize(("where", "name"), [("trainable", "classifier.weight"), ("optimizer", "exp_avg")])
+def test_resume_refuses_a_checkpoint_with_non_finite_tensors(tmp_path: Path, where: str, name: str) -> None:
+    path = tmp_path / ckpt.CHECKPOINT
+    _poisoned_checkpoint(path, where)
+    with pytest.raises(ResumeError, match=name) as info:
+        ckpt.load(path)
+    assert "not finite" in str(info.value) and str(path) in str(info.value)
+
+
+def test_resume_from_a_poisoned_run_fails_before_loading_the_model(
+        tiny_bert: Path, sentiment_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.train import loop
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _poisoned_checkpoint(run / ckpt.CHECKPOINT, "trainable")
+    monkeypatch.setattr(loop, "load_model", _never)
+    with pytest.raises(ResumeError, match=r"classifier\.weight"):
+        loop.Trainer(TrainConfig.build(tiny_train_options(tiny_bert, sentiment_files, output_dir=run, resume=True)))
+
+
+def test_head_file_with_non_finite_weights_is_refused(tmp_path: Path) -> None:
+    from lorakit.train.methods import load_head
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {"0.weight": torch.full((2, 4), -math.inf), "0.bias": torch.zeros(2)}
+    save_file(bad, str(tmp_path / "head.safetensors"))
+    with pytest.raises(TrainConfigError, match=r"0\.weight: 8 of 8"):
+        load_head(model, tmp_path / "head.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
