@@ -43,7 +43,7 @@ _PEFT_METADATA = {
 }
 # PEFT features lorakit does not implement: accepted only at their "off" value.
 _PEFT_UNSUPPORTED = {
-    "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core",
+    "megatron_config", "megatron_core",
     "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
     "monteclora_config", "layer_replication", "runtime_config", "target_parameters",
@@ -87,6 +87,9 @@ class LoraConfig:
             enabled equal slices of the output get LoRA, as loralib's ``MergedLinear``.
         use_dora: DoRA (arXiv:2402.09353), a trainable magnitude per output: :mod:`lorakit.variants.dora`.
         lora_bias: a trainable bias on B (PEFT's ``lora_bias``), merged into the base bias.
+        layers_to_transform: only modules in these layer indices (PEFT's rule: the first ``.<n>.``
+            in the name, or the one after ``layers_pattern``); applies to list ``targets`` matched by suffix.
+        layers_pattern: the name of the layer list (``"layers"``, ``"h"``), a string or a list of them.
     """
 
     r: int = 8
@@ -103,6 +106,8 @@ class LoraConfig:
     fused: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -120,6 +125,10 @@ class LoraConfig:
         set_(self, "rank_pattern", dict(self.rank_pattern or {}))
         set_(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         set_(self, "fused", {k: tuple(bool(b) for b in v) for k, v in (self.fused or {}).items()})
+        if isinstance(self.layers_to_transform, Sequence) and not isinstance(self.layers_to_transform, str):
+            set_(self, "layers_to_transform", tuple(self.layers_to_transform) or None)
+        if isinstance(self.layers_pattern, Sequence) and not isinstance(self.layers_pattern, str):
+            set_(self, "layers_pattern", tuple(self.layers_pattern) or None)
         if self.init is True:
             set_(self, "init", "kaiming")
         elif self.init is False:
@@ -148,6 +157,16 @@ class LoraConfig:
         for flag in ("use_dora", "lora_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise LoraConfigError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        lt, lp = self.layers_to_transform, self.layers_pattern
+        if lt is not None and not (_is_int(lt) or all(_is_int(i) for i in lt)):
+            raise LoraConfigError(f"layers_to_transform: expected an int or a list of ints, got {lt!r}")
+        if lp is not None and not (isinstance(lp, str) or all(isinstance(p, str) and p for p in lp)):
+            raise LoraConfigError(f"layers_pattern: expected a name or a list of names, got {lp!r}")
+        if lp and lt is None:
+            raise LoraConfigError("layers_pattern needs layers_to_transform (as in PEFT)")
+        if lt is not None and isinstance(self.targets, str):
+            raise LoraConfigError("layers_to_transform cannot be used when targets is a regex or 'all-linear' "
+                                  "(as in PEFT); put the layer index in the regex instead")
         if self.use_dora and self.lora_bias:
             raise LoraConfigError("use_dora=True with lora_bias=True: DoRA has no LoRA bias (PEFT refuses it too)")
         if self.lora_bias and self.init not in ("kaiming", "random"):
@@ -228,8 +247,8 @@ class LoraConfig:
             "init_lora_weights": init,
             "use_dora": self.use_dora,
             "lora_bias": self.lora_bias,
-            "layers_to_transform": None,
-            "layers_pattern": None,
+            "layers_to_transform": _listed(self.layers_to_transform),
+            "layers_pattern": _listed(self.layers_pattern),
         }
 
     # --- per-module resolution -----------------------------------------------------------------
@@ -238,6 +257,21 @@ class LoraConfig:
 
     def alpha_for(self, name: str) -> float:
         return _pattern_lookup(self.alpha_pattern, name, self.alpha)
+
+    def in_layers(self, name: str) -> bool:
+        """PEFT's ``layers_to_transform`` rule for a module name (True when no layer filter is set)."""
+        if self.layers_to_transform is None:
+            return True
+        if not self.layers_pattern:
+            m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        else:
+            pats = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
+            m = next((mm for p in pats if (mm := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name))), None)
+        if m is None:
+            return False
+        idx = int(m.group(1))
+        lt = self.layers_to_transform
+        return idx == lt if _is_int(lt) else idx in lt
 
     def fused_for(self, name: str) -> tuple[bool, ...] | None:
         return _pattern_lookup(self.fused, name, None)
@@ -258,6 +292,10 @@ def _init_with_aliases(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
 
 _dataclass_init = LoraConfig.__init__
 LoraConfig.__init__ = _init_with_aliases  # type: ignore[method-assign]
+
+
+def _listed(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _pattern_lookup(patterns: Mapping[str, Any], name: str, default: Any) -> Any:

@@ -168,7 +168,9 @@ def resolve(model: nn.Module, config: LoraConfig) -> list[Match]:
             if isinstance(config.targets, tuple):
                 for t in config.targets:
                     if name == t or name.endswith("." + t):
-                        hits[t] = hits.get(t, 0) + 1
+                        hits[t] = hits.get(t, 0) + 1  # the target exists (a typo check), even if filtered below
+                if name not in config.targets and not config.in_layers(name):
+                    continue  # PEFT's layers_to_transform / layers_pattern (suffix matches only)
         if isinstance(m, LoraLayer):
             raise AlreadyInjectedError(f"module {name!r} already has LoRA; unwrap(model) first, or use "
                                        "add_adapter for a second adapter")

@@ -126,6 +126,8 @@ def _match(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, L
                 continue
             if isinstance(config.targets, tuple):
                 hits.update(t for t in config.targets if name == t or name.endswith("." + t))
+                if name not in config.targets and not config.in_layers(name):
+                    continue  # layers_to_transform / layers_pattern
         if not isinstance(m, LoraLayer) and factory_for(m) is None:
             raise UnsupportedModuleError(f"module {name!r} matches the targets but its type "
                                          f"{type(m).__name__} is not supported")
