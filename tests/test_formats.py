@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import loralib
 import peft
@@ -45,18 +46,15 @@ def test_toy_save_then_load_and_peft_reads_it(case, tmp_path):
 
 
 def _roundtrip_lorakit_only(case, model, expect, tmp_path):
-    try:
+    """Grouped convolutions have no PEFT layout: save_adapter refuses (typed, naming the groups) and
+    writes nothing; a loralib ``.pt`` checkpoint carries them instead."""
+    with pytest.raises(AdapterFormatError, match="group"):
         lorakit.save_adapter(model, tmp_path / "a")
-    except AdapterFormatError as e:  # grouped convolutions have no PEFT layout
-        assert "group" in str(e)
-        sd = lorakit.lora_state_dict(model)
-        torch.save(sd, tmp_path / "a.pt")
-        fresh = lorakit.inject(case.model(), dataclass_init_zero(case.config))
-        lorakit.load_loralib_checkpoint(fresh, tmp_path / "a.pt")
-        assert torch.equal(case.run(fresh), expect)
-        assert not (tmp_path / "a").exists()
-        return
-    fresh = lorakit.load_adapter(case.model(), tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+    torch.save(lorakit.lora_state_dict(model), tmp_path / "a.pt")
+    fresh = lorakit.inject(case.model(), dataclass_init_zero(case.config))
+    assert not torch.equal(case.run(fresh), expect)  # B = 0: the checkpoint is what makes them equal
+    lorakit.load_loralib_checkpoint(fresh, tmp_path / "a.pt")
     assert torch.equal(case.run(fresh), expect)
 
 
@@ -103,10 +101,24 @@ def test_peft_save_pretrained_loads_in_lorakit(minilm, minilm_base, minilm_input
     assert "classifier" not in layers and ours.classifier.weight.requires_grad
 
 
+class EmbConv(nn.Module):
+    """An embedding, a Conv1d with kernel 3 and a Linear: PEFT's three LoRA layouts in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.conv = nn.Conv1d(8, 6, 3, padding=1)
+        self.q_proj = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x).transpose(1, 2)  # (B, 8, T)
+        return self.q_proj(torch.tanh(self.conv(h)).transpose(1, 2))  # (B, T, 4)
+
+
 def test_peft_embedding_and_conv_adapters_load(tmp_path):
     torch.manual_seed(0)
-    base = MLP()
-    pcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb", "q_proj"])
+    base = EmbConv()
+    pcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb", "conv", "q_proj"])
     pm = peft.get_peft_model(copy.deepcopy(base), pcfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -118,8 +130,11 @@ def test_peft_embedding_and_conv_adapters_load(tmp_path):
     pm.save_pretrained(str(tmp_path / "p"))
     ours = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "p")
     assert isinstance(ours.emb, lorakit.Embedding)
+    assert isinstance(ours.conv, nn.Conv1d) and isinstance(ours.conv, lorakit.LoraLayer)
+    assert ours.conv.has_lora and ours.conv.r == 3
     with torch.no_grad():
         assert (ours(x) - expect).abs().max() <= 1e-5
+        assert (ours(x) - base(x)).abs().max() > 1e-2  # the adapter is not a no-op
 
 
 def test_loralib_pt_checkpoint(tmp_path):
@@ -139,11 +154,13 @@ def test_loralib_pt_checkpoint(tmp_path):
     assert (ours[:2](x) - ref[:2](x)).abs().max() <= 1e-6
     ids = torch.tensor([0, 4, 2])
     assert (ours[2](ids) - ref[2](ids)).abs().max() <= 1e-6
-    # a pickle with arbitrary objects is refused (weights_only=True), model unchanged
-    torch.save({"x": object.__new__(Evil)}, tmp_path / "evil.pt")
+    # a pickle that runs code when unpickled (through __reduce__) is refused unrun (weights_only=True)
+    ran = tmp_path / "payload-ran"
+    torch.save({"0.lora_A": torch.zeros(2, 6), "x": Evil(ran)}, tmp_path / "evil.pt")
     snap = state_snapshot(ours)
     with pytest.raises(AdapterFormatError, match="evil.pt"):
         lorakit.load_loralib_checkpoint(ours, tmp_path / "evil.pt")
+    assert not ran.exists()
     torch.save({"0.lora_A": torch.zeros(3, 6)}, tmp_path / "bad.pt")
     with pytest.raises(AdapterMismatchError, match=r"0\.lora_A: shape \(3, 6\)"):
         lorakit.load_loralib_checkpoint(ours, tmp_path / "bad.pt")
@@ -153,7 +170,13 @@ def test_loralib_pt_checkpoint(tmp_path):
 
 
 class Evil:
-    pass
+    """Unpickling calls ``os.mkdir(marker)``: the directory exists iff the pickle's code ran."""
+
+    def __init__(self, marker: object) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (self.marker,)
 
 
 # --- atomic writes -------------------------------------------------------------------------------
