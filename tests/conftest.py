@@ -20,6 +20,9 @@ from torch import nn
 import lorakit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a missing CPU extension compiles in the first caller, not in the background: every test (and every
+# subprocess a test starts) sees the same kernels from its first call on
+os.environ.setdefault("LORAKIT_EXTENSION_BUILD", "wait")
 torch.set_num_threads(1)
 
 
