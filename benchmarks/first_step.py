@@ -5,8 +5,9 @@ prints each step's wall time and whether the C++ CPU kernels were in use for it.
 torch's extension cache (``TORCH_EXTENSIONS_DIR``) at a new empty directory first, so the kernels
 must be compiled as on a fresh machine::
 
-    python -m benchmarks.first_step --cold --steps 40          # the first-use case
-    python -m benchmarks.first_step --steps 40                 # warm cache, for comparison
+    python -m benchmarks.first_step --cold --steps 100              # the first-use case
+    python -m benchmarks.first_step --cold --steps 30 --build wait  # as before issue 19: compile in step 1
+    python -m benchmarks.first_step --steps 30                      # warm cache, for comparison
 
 The last line is one JSON object (``first_step_s``, ``median_step_s``, ``kernel_from_step``...).
 """
@@ -27,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="use an empty extension cache (fresh machine)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--build", choices=("background", "wait"), default="background",
+                   help="LORAKIT_EXTENSION_BUILD: compile a missing extension in the background (the default "
+                        "since issue 19) or in the first step (the behaviour before)")
     p.add_argument("--wait-at-exit", action="store_true", help="wait for a background build before exiting")
     a = p.parse_args(argv)
+    os.environ["LORAKIT_EXTENSION_BUILD"] = a.build
     if a.cold:
         os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="lorakit-ext-cold-")
     t_import = time.perf_counter()
