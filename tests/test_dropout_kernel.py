@@ -12,6 +12,27 @@ from lorakit.kernels import dropout as DK
 needs_kernel = pytest.mark.skipif(DK.extension() is None, reason="no C++ compiler for the CPU dropout kernel")
 
 
+def _documented_keep(n: int, seed: int, p: float) -> torch.Tensor:
+    """The module docstring's rule in plain Python integers, independent of both implementations:
+    element i is kept when its 16-bit lane (i % 2: low, high) of fmix32((i // 2) * 0x9E3779B9 ^ seed)
+    is at least round(p * 65536)."""
+    m, thr, keep = 0xFFFFFFFF, round(p * 65536), []
+    for i in range(n):
+        h = ((i // 2) * 0x9E3779B9 & m) ^ (seed & m)
+        h ^= h >> 16
+        h = h * 0x85EBCA6B & m
+        h ^= h >> 13
+        h = h * 0xC2B2AE35 & m
+        h ^= h >> 16
+        keep.append((h >> 16 if i % 2 else h & 0xFFFF) >= thr)
+    return torch.tensor(keep)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.999])
+def test_keep_mask_is_the_documented_hash(p: float) -> None:
+    assert torch.equal(DK.keep_mask(1001, 0xC0FFEE, p), _documented_keep(1001, 0xC0FFEE, p))
+
+
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -52,9 +73,11 @@ def test_mask_statistics_and_seeds() -> None:
 
 def test_non_contiguous_input_uses_row_major_order() -> None:
     x = torch.randn(24, 10).t()  # (10, 24), transposed strides
-    expect = x * DK.dropout_mask(x.shape, 0.4, 99, dtype=x.dtype)
+    keep = _documented_keep(x.numel(), 99, 0.4).view(x.shape)  # element (i, j) is number i * 24 + j
+    expect = torch.where(keep, x, torch.zeros(()))
     assert torch.equal(DK.masked(x, 99, 0.4), expect)
-    g = x.clone()  # non-contiguous: the torch-ops path
+    g = x.clone()
+    assert not g.is_contiguous()  # the in-place torch-ops path
     assert torch.equal(DK.mask_(g, 99, 0.4), expect)
 
 
@@ -70,10 +93,32 @@ def _dropout_grads(seed: int) -> list[torch.Tensor]:
     return [t.grad for m in layers for t in (m.lora_A, m.lora_B)] + [x.grad]
 
 
+class _CountMasks:
+    """The extension with its ``apply_mask`` calls counted."""
+
+    def __init__(self, ext: object) -> None:
+        self.ext, self.calls = ext, 0
+
+    def __getattr__(self, name: str) -> object:
+        fn = getattr(self.ext, name)
+        if name != "apply_mask":
+            return fn
+
+        def counted(*a: object) -> object:
+            self.calls += 1
+            return fn(*a)
+        return counted
+
+
+@needs_kernel
 def test_fused_path_same_with_and_without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = _CountMasks(DK.extension())
+    monkeypatch.setitem(CK._state, "ext", spy)
     with_kernel = _dropout_grads(3)
+    assert spy.calls >= 3  # one forward mask shared by the two layers, one backward mask each
     monkeypatch.setitem(CK._state, "ext", None)
     monkeypatch.setitem(CK._state, "tried", True)
+    assert DK.extension() is None
     without = _dropout_grads(3)
     for a, b in zip(with_kernel, without, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
