@@ -67,5 +67,6 @@ def dequantize_rest(model: nn.Module, dtype: torch.dtype | None) -> None:
 
     todo = [(n, m) for n, m in model.named_modules() if n and QB.is_quantized(m)]
     for name, m in todo:
+        QW.ensure_unpacked(m)  # a bare bitsandbytes forward in eval may have repacked it for bf16 inference
         dt = dtype or default_dtype(m)
         _set_module(model, name, _plain_linear(QW.dequantize(m, torch.float32), m.bias, dt, m.training))

@@ -128,8 +128,12 @@ def quantized_linear(m: nn.Module, opts: QuantOptions) -> nn.Module:
         cb, scb = QW.quantize_int8(w.float())
         q.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     else:
-        q = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=opts.compute_dtype,
-                              compress_statistics=opts.double_quant, quant_type=opts.quant_type, device="meta")
+        cls = bnb.nn.Linear4bit if in_f % opts.blocksize == 0 else _flat_block_class()
+        q = cls(in_f, out_f, bias=has_bias, compute_dtype=opts.compute_dtype,
+                compress_statistics=opts.double_quant, quant_type=opts.quant_type, device="meta")
+        # bitsandbytes repacks a 4-bit weight into a bf16 CPU-inference layout on its first no-grad eval
+        # forward on AVX512-BF16 CPUs: that changes the stored codes and computes in bf16. Keep the codes.
+        q.support_avx512bf16_for_cpu = False
         data, qs = QW.quantize_4bit(w, opts.quant_type, opts.blocksize, opts.double_quant, torch.uint8, w.dtype)
         q.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs, blocksize=opts.blocksize,
                                      compress_statistics=opts.double_quant, quant_type=opts.quant_type,
@@ -143,6 +147,28 @@ def quantized_linear(m: nn.Module, opts: QuantOptions) -> nn.Module:
     q.train(m.training)
     assert q.weight.device == dev or dev.type == "meta"
     return q
+
+
+_FLAT: list[type] = []
+
+
+def _flat_block_class() -> type:
+    """``Linear4bit`` whose forward dequantizes with :func:`lorakit.quant.weights.dequantize`: for
+    widths that are not a multiple of the block, bitsandbytes 0.50's CPU kernel misreads blocks
+    straddling rows (see ``weights._dequantize_flat``), so its own forward would be wrong there."""
+    if not _FLAT:
+        bnb = QB.bnb()
+
+        class FlatBlockLinear4bit(bnb.nn.Linear4bit):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                from .autograd import quant_lora_linear
+
+                out = quant_lora_linear(x, self.bias, None, None, lambda dt: QW.dequantize(self, dt),
+                                        QB.compute_dtype_of(self), 0.0, 0.0, ((0, self.out_features),), 0)
+                return out if out.dtype == x.dtype or torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+        _FLAT.append(FlatBlockLinear4bit)
+    return _FLAT[0]
 
 
 @takes_model

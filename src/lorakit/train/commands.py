@@ -36,6 +36,9 @@ def load_for_task(
 
         if not Path(adapter).is_dir():
             raise TrainConfigError(f"--adapter: {adapter} is not a directory")
+        from lorakit.train.models import quantize_like_adapter
+
+        quantize_like_adapter(net, adapter)  # a QLoRA adapter runs on the base quantized as in training
         lorakit.load_adapter(net, adapter)
     if head:
         load_head(net, head)
@@ -136,7 +139,12 @@ def run_merge(cfg: MergeConfig) -> Path:
 
         return export_task(model_name, spec, cfg)
     model, tok = load_for_task(model_name, spec.kind, spec.num_labels, cfg.adapter)
-    merged = lorakit.merge_and_unload(model)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    merged = lorakit.merge_and_unload(model, dtype=dtypes.get(cfg.dtype or ""))
+    if cfg.quantize_output:
+        from lorakit.quant.export import quantize_for_export
+
+        quantize_for_export(merged, cfg.quantize_output)
 
     def fill(d: Path) -> None:
         merged.save_pretrained(d)

@@ -272,6 +272,8 @@ class TrainConfig(DecodeOptions):
         "auto", "auto = bf16 autocast on GPUs that support it, else fp32", choices=PRECISIONS
     )
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    quantize: str | None = opt(None, "quantize the frozen base first (QLoRA): nf4, fp4 or int8; needs lorakit[quant]",
+                               choices=("nf4", "fp4", "int8"))
     fsdp: bool = opt(False, "FSDP2: shard the frozen base per transformer block (launch with torchrun)")
     fsdp_offload: bool = opt(False, "with --fsdp: keep the sharded parameters in CPU memory (CPUOffloadPolicy)")
     fsdp_block: str | None = opt(None, "with --fsdp: class name of the block to shard (default: from the model)")
@@ -295,6 +297,8 @@ class TrainConfig(DecodeOptions):
             raise TrainConfigError("--method: head is for classification/regression tasks, not e2e")
         if self.resume and self.overwrite:
             raise TrainConfigError("--resume and --overwrite exclude each other")
+        if self.quantize and self.method == "full":
+            raise TrainConfigError("--quantize: the quantized base is frozen; use --method lora or head")
         from lorakit.train.fsdp import check_launch
 
         check_launch(self)
@@ -378,6 +382,10 @@ class MergeConfig(BaseConfig):
         None, "write sharded safetensors of at most this size (e.g. 2GB) + index, streaming the base tensor by "
         "tensor without building the model (for bases trained with --fsdp)"
     )
+    quantize_output: str | None = opt(None, "requantize the merged linear layers (bitsandbytes): nf4 or int8",
+                                      choices=("nf4", "int8"))
+    dtype: str | None = opt(None, "merged weights' dtype, one rounding of the fp32 sum: bf16, fp16 or fp32",
+                            choices=("bf16", "fp16", "fp32"))
 
     def validate(self) -> None:
         super().validate()
@@ -385,6 +393,9 @@ class MergeConfig(BaseConfig):
             raise TrainConfigError("--adapter: required")
         if not self.output:
             raise TrainConfigError("--output: required")
+        if self.quantize_output and self.dtype:
+            raise TrainConfigError("--quantize-output and --dtype exclude each other (a quantized output has codes, "
+                                   "not a float dtype)")
 
 
 @dataclass

@@ -86,6 +86,10 @@ class Trainer:
         src = resolve(cfg.model)
         self.tokenizer = load_tokenizer(src)
         self.model = load_model(src, self.spec.kind, self.spec.num_labels)
+        if cfg.quantize:  # QLoRA: quantize the frozen base before LoRA goes on (lorakit.quant)
+            from lorakit.train.models import quantize_for_training
+
+            quantize_for_training(self.model, cfg.quantize)
         self.method_info = apply_method(
             self.model, cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.targets
         )

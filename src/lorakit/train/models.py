@@ -166,6 +166,25 @@ def default_targets(model: Any) -> list[str]:
     return list(DEFAULT_TARGETS[mtype])
 
 
+def quantize_for_training(model: Any, kind: str, record: dict[str, Any] | None = None) -> None:
+    """Quantize the frozen base (``--quantize``), leaving the task head and ``lm_head`` in float;
+    ``record``: an adapter's ``lorakit_quantization`` to reproduce (blocksize, double quantization)."""
+    from lorakit.quant import quantize_base
+
+    rec = record or {}
+    quantize_base(model, kind, skip=[*head_modules(model), "lm_head"], blocksize=int(rec.get("blocksize") or 64),
+                  double_quant=bool(rec.get("double_quant", True)))
+
+
+def quantize_like_adapter(model: Any, adapter: str | Path) -> None:
+    """Quantize ``model`` as the adapter's base was, when its ``adapter_config.json`` records it."""
+    from lorakit.quant.records import read
+
+    rec = read(adapter)
+    if rec and rec.get("quant_type"):
+        quantize_for_training(model, rec["quant_type"], rec)
+
+
 def head_modules(model: Any) -> list[str]:
     """Top-level task-head modules of a sequence-classification model (empty for causal LMs)."""
     children = dict(model.named_children())

@@ -1,0 +1,159 @@
+"""Quantized base (issue 15 §5): SmolLM2-135M causal-LM train step, batch 4×128, LoRA r=16 α=32
+dropout 0.05 on all 7 linear projections, on the fp32 base and on an NF4 (double-quantized) base,
+lorakit vs PEFT + bitsandbytes on the same NF4 base. One fresh subprocess per variant.
+
+    flock /tmp/team/bench.lock python -m benchmarks.bench_quant --threads 2
+
+Variants: ``lorakit-fp32`` (the anchor), ``lorakit-nf4``, ``peft-nf4`` (PEFT's bitsandbytes
+``Linear4bit`` LoRA layer on the identical base, built by ``lorakit.quantize_base``), ``floor-nf4``
+(the NF4 base frozen, no LoRA, input grads on), ``lorakit-int8``; ``micro-ours`` / ``micro-bnb``
+time the base part alone (forward + input-gradient backward of the 1536×576 ``up_proj`` at 512
+rows): lorakit's dequantize-then-GEMM Function against ``bitsandbytes.matmul_4bit``.
+
+Peak memory: the fp32 checkpoint is loaded before it is quantized, so the process's lifetime peak
+(``ru_maxrss``, in the notes as ``life_mib``) is the load's. The table's peak is the step's:
+``VmHWM`` from ``/proc/self/status`` after resetting it (``/proc/self/clear_refs``, after
+``malloc_trim``) once the model is built and warmed up. ``adapted_base_mib`` is the resident bytes
+of the adapted layers' base weights (codes and scales; fp32 weights for the fp32 base), ``ratio``
+that against fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import resource
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import Measured, main, time_it, variants
+from benchmarks.models import SMOL_TARGETS, load
+
+R, ALPHA, DROPOUT, BATCH, SEQ = 16, 32, 0.05, 4, 128
+
+
+def _reset_peak() -> bool:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _adapted_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(resident bytes of the adapted layers' base weights, the same weights in fp32)."""
+    from lorakit.quant import weights as QW
+    from lorakit.quant.planning import base_module
+
+    got = fp32 = 0
+    for name, m in model.named_modules():
+        if not name.endswith(SMOL_TARGETS):
+            continue
+        base = base_module(getattr(m, "base_layer", m))
+        if not hasattr(base, "in_features"):
+            continue
+        got += QW.weight_nbytes(base)
+        fp32 += base.in_features * base.out_features * 4
+    return got, fp32
+
+
+def _build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
+    import lorakit
+
+    model = load("smollm2", args.smoke)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if variant.endswith(("nf4", "int8")):
+        lorakit.quantize_base(model, "int8" if variant.endswith("int8") else "nf4", skip=("lm_head",))
+    if variant.startswith("lorakit"):
+        lorakit.inject(model, lorakit.LoraConfig(r=R, alpha=ALPHA, dropout=DROPOUT, targets=list(SMOL_TARGETS)))
+    elif variant.startswith("peft"):
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
+                                                           target_modules=list(SMOL_TARGETS)))
+    elif variant.startswith("floor"):
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    model.train()
+    return model
+
+
+def _step_run(args: argparse.Namespace, variant: str) -> Measured:
+    model = _build(variant, args)
+    batch, seq = (2, 16) if args.smoke else (BATCH, SEQ)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    step()
+    reset = _reset_peak()
+    res = time_it(step, args.reps, args.warmup)
+    got, fp32 = _adapted_bytes(model)
+    res.extra = {"life_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                 "adapted_base_mib": round(got / 2**20, 1), "ratio": round(got / max(fp32, 1), 4),
+                 "trainable": sum(p.numel() for p in params)}
+    if reset:
+        res.peak_mib = _hwm_mib()
+    else:
+        res.extra["peak"] = "lifetime (clear_refs unavailable)"
+    return res
+
+
+def _micro_run(args: argparse.Namespace, variant: str) -> Measured:
+    """The base part alone: forward and input-gradient backward through a 1536×576 NF4 weight."""
+    import bitsandbytes as bnb
+
+    from lorakit.quant import quantize_base
+    from lorakit.quant import weights as QW
+    from lorakit.quant.autograd import quant_lora_linear
+
+    out_f, in_f, n = (64, 32, 8) if args.smoke else (1536, 576, BATCH * SEQ)
+    q = quantize_base(torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False)), "nf4", skip=())[0]
+    x = torch.randn(n, in_f, requires_grad=True)
+    g = torch.randn(n, out_f)
+    qs = q.weight.quant_state
+
+    def ours() -> None:
+        y = quant_lora_linear(x, None, None, None, lambda dt: QW.dequantize(q, dt), None, 0.0, 0.0,
+                              ((0, out_f),), 0)
+        y.backward(g)
+        x.grad = None
+
+    def theirs() -> None:
+        y = bnb.matmul_4bit(x, q.weight.t(), quant_state=qs)
+        y.backward(g)
+        x.grad = None
+
+    fn = ours if variant == "micro-ours" else theirs
+    for _ in range(3):
+        fn()
+    res = time_it(fn, max(args.reps, 20), args.warmup)
+    w = QW.dequantize(q)
+    import time
+    t0 = time.perf_counter()
+    for _ in range(20):
+        QW.dequantize(q)
+    res.extra = {"dequant_ms": round((time.perf_counter() - t0) / 20 * 1e3, 3), "shape": f"{out_f}x{in_f}",
+                 "rows": n, "numel": w.numel()}
+    return res
+
+
+VARIANTS = {**variants(_step_run, ("lorakit-fp32", "lorakit-nf4", "peft-nf4", "floor-nf4", "lorakit-int8")),
+            **variants(_micro_run, ("micro-ours", "micro-bnb"))}
+
+if __name__ == "__main__":
+    main("benchmarks.bench_quant", "SmolLM2-135M 4×128 causal LM, LoRA r=16 α=32 p=0.05 all 7 linears, "
+         "quantized base", VARIANTS, "lorakit-fp32")

@@ -1,0 +1,66 @@
+"""``lorakit train --quantize`` and ``lorakit merge --dtype / --quantize-output`` on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tests.train.conftest import make_tiny_bert, tiny_train_args
+
+from lorakit.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from lorakit.train.data import get_task, read_glue_tsv
+    from lorakit.train.demo import _write_tsv, sample_path, split_sample
+
+    d = tmp_path_factory.mktemp("sent")
+    train, test = split_sample(read_glue_tsv(sample_path(), get_task("sst2")), 0.25, 0)
+    _write_tsv(d / "train.tsv", train)
+    _write_tsv(d / "test.tsv", test)
+    return d / "train.tsv", d / "test.tsv"
+
+
+def test_train_quantized_then_merge_to_bf16_and_to_nf4(tmp_path: Path, files: tuple[Path, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    import lorakit
+    from lorakit.quant import backend as QB
+    from lorakit.train.commands import load_for_task
+
+    bert = make_tiny_bert(tmp_path / "bert")
+    run = tmp_path / "run"
+    assert main(tiny_train_args(bert, files, max_train_examples=32, max_steps=3, lr=1e-2, output_dir=run,
+                                quantize="nf4")) == 0
+    capsys.readouterr()
+    rec = json.loads((run / "adapter" / "adapter_config.json").read_text())["lorakit_quantization"]
+    assert rec["quant_type"] == "nf4" and rec["double_quant"] is True and rec["modules"] > 0
+    adapted, tok = load_for_task(str(bert), "classification", 2, str(run / "adapter"))  # quantized as recorded
+    assert any(QB.is_quantized(getattr(m, "quant_base", m)) for _, m in lorakit.lora_layers(adapted))
+    batch = tok(["a fine film", "dreadful service"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = adapted(**batch).logits
+    for extra, dtype in ((["--dtype", "bf16"], torch.bfloat16), ([], torch.float32)):
+        out = tmp_path / f"merged-{dtype}"
+        assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(out), *extra]) == 0
+        merged = AutoModelForSequenceClassification.from_pretrained(out, dtype=dtype).eval()
+        lin = merged.bert.encoder.layer[0].attention.self.query
+        assert type(lin) is torch.nn.Linear and lin.weight.dtype == dtype
+        with torch.no_grad():
+            got = merged(**batch).logits.float()
+        assert (got - want).abs().max() < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+    q_out = tmp_path / "merged-nf4"
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(q_out), "--quantize-output", "nf4"]) == 0
+    reloaded = AutoModelForSequenceClassification.from_pretrained(q_out)
+    assert QB.is_4bit(reloaded.bert.encoder.layer[0].attention.self.query)
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "x"),
+                 "--quantize-output", "nf4", "--dtype", "bf16"]) == 2
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        main(["train", "--quantize", "nf2", "--output-dir", str(tmp_path / "y")])
+    assert "invalid choice: 'nf2' (choose from 'nf4', 'fp4', 'int8')" in capsys.readouterr().err
