@@ -30,10 +30,14 @@ from .errors import (
     AdapterMismatchError,
     AdapterNotFoundError,
     AlreadyInjectedError,
+    ArgumentTypeError,
     DuplicateAdapterError,
     LoraConfigError,
     LoraError,
     MixedBatchError,
+    NonFiniteTensorError,
+    NotAModuleError,
+    OutputPathError,
     TargetNotFoundError,
     UnknownAdapterError,
     UnsupportedModuleError,
@@ -79,3 +83,4 @@ __all__ += [
     "list_adapters", "set_adapter", "use_adapter",
 ]
 __all__ += ["loraplus_param_groups"]
+__all__ += ["ArgumentTypeError", "NonFiniteTensorError", "NotAModuleError", "OutputPathError"]
