@@ -34,7 +34,8 @@ from .errors import (
 )
 from .inject import _set_module, apply_trainable, build_layers, lora_layers, resolve
 from .layers import ConvLoRA, Embedding, LoraLayer, MergedLinear
-from .variants import is_weight_init
+from .variants import attach, is_weight_init
+from .variants.grouped import to_peft_pair
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,6 +46,9 @@ _REQUIRED = ("r", "lora_alpha", "target_modules")
 # --- layer <-> PEFT tensors -------------------------------------------------------------------
 def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
     """A layer's adapter in PEFT's key suffixes and shapes."""
+    variant = layer.__dict__.get("lora_variant")
+    if variant is not None and variant.owns_layout:  # e.g. PEFT's grouped-conv layout
+        return variant.peft_tensors(layer)
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     if isinstance(layer, Embedding):
         return _with_variant(layer, {"lora_embedding_A": A, "lora_embedding_B": B})
@@ -54,9 +58,10 @@ def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
     if isinstance(layer, MergedLinear):
         A, B = _fused_to_dense(layer)
     if isinstance(layer, nn.modules.conv._ConvNd):
-        if layer.groups != 1:
-            raise AdapterFormatError("PEFT's format has no grouped-convolution LoRA; use lora_state_dict")
         w = layer.weight
+        if layer.groups != 1:  # exact, as rank r * groups in PEFT's layout (lorakit.variants.grouped)
+            return _with_variant(layer, dict(zip(("lora_A.weight", "lora_B.weight"),
+                                                 to_peft_pair(A, B, w, layer.groups), strict=True)))
         A = A.view(A.shape[0], *w.shape[1:])  # (r, in, *k)
         B = B.view(*B.shape, *([1] * (w.dim() - 2)))  # (out, r, 1, ...)
     return _with_variant(layer, {"lora_A.weight": A, "lora_B.weight": B})
@@ -272,7 +277,7 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
         specs = LoraConfig(
             r=config.r, alpha=config.alpha, dropout=config.dropout, targets=tuple(ranks), bias=config.bias,
             trainable=config.trainable, rank_pattern={rf"{_escape(m)}": r for m, r in ranks.items()},
-            alpha_pattern={_escape(m): config.alpha_for(m) for m in ranks}, use_rslora=config.use_rslora,
+            alpha_pattern={_escape(m): _alpha_at(config, m, r) for m, r in ranks.items()}, use_rslora=config.use_rslora,
             init="kaiming" if is_weight_init(config.init) else config.init,  # never rewrite W0 on load
             fused={_escape(m): v for m, v in config.fused.items() if _any_match(m, ranks)},
             use_dora=config.use_dora, lora_bias=config.lora_bias)
@@ -282,6 +287,9 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
             raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
         try:
             new_layers.update(build_layers([mt for mt in matches if mt.name in ranks]))
+            for name, layer in new_layers.items():  # PEFT writes grouped convolutions in its own layout
+                if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1:
+                    attach(layer, "peft_groups", name)
         except LoraError as e:
             raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
     layers = {**{m: existing[m] for m in per_module if m in existing}, **new_layers}
@@ -347,6 +355,14 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
 
     QR.after_load(model, path)  # warns when the adapter was trained on a differently quantized base
     return model
+
+
+def _alpha_at(config: LoraConfig, module: str, r_file: int) -> float:
+    """The alpha that keeps ``config``'s scaling at the file's rank (a grouped conv is written at rank r * groups)."""
+    r_cfg, alpha = config.rank_for(module), config.alpha_for(module)
+    if r_file == r_cfg:
+        return alpha
+    return alpha * (math.sqrt(r_file / r_cfg) if config.use_rslora else r_file / r_cfg)
 
 
 def _escape(name: str) -> str:

@@ -148,6 +148,8 @@ class LoraLayer:
             return
         w = self._weight_param()
         variant = self.__dict__.get("lora_variant")  # lorakit.variants: DoRA, LoRA bias (None: plain LoRA)
+        if variant is not None:
+            variant.check_merge(self)
         with torch.no_grad():
             delta = self.delta_weight()
             self._lora_w0 = w.detach().clone() if keep_original else None

@@ -4,6 +4,7 @@
 * :mod:`.dora`: DoRA (``use_dora=True``) for Linear, GPT-2 Conv1D, Embedding and Conv1d/2d/3d.
 * :mod:`.bias`: LoRA bias (``lora_bias=True``) for Linear and Conv layers.
 * :mod:`.init`: PiSSA / OLoRA initialisations (they rewrite W0 to the residual).
+* :mod:`.grouped`: PEFT's layout of grouped-convolution LoRA (read; lorakit's converts on write).
 
 :func:`apply_spec` is what injection calls after building a layer.
 """
@@ -14,6 +15,7 @@ from torch import nn
 
 from . import bias as _bias  # noqa: F401 - registers "lora_bias"
 from . import dora as _dora  # noqa: F401 - registers "use_dora"
+from . import grouped as _grouped  # noqa: F401 - registers "peft_groups"
 from .base import LoraVariant, attach, builder_for, detach, register_variant, variant_of
 from .init import apply_init, check_init, initial_state, is_weight_init, to_plain_lora
 

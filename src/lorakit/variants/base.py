@@ -36,6 +36,8 @@ class LoraVariant:
 
     #: PEFT config flag this variant stands for (``"use_dora"``, ``"lora_bias"``).
     name: str = "lora"
+    #: True when :meth:`peft_tensors` gives the whole PEFT layout (``lora_A`` / ``lora_B`` included).
+    owns_layout: bool = False
 
     # --- parameters ---------------------------------------------------------------------------
     def attach(self, layer: nn.Module) -> None:
@@ -56,6 +58,9 @@ class LoraVariant:
     def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """The layer's output while unmerged and active."""
         raise NotImplementedError
+
+    def check_merge(self, layer: nn.Module) -> None:
+        """Raise (typed) when this layer cannot be merged; called before anything changes."""
 
     def merged_weight(self, layer: nn.Module, w0: Tensor, delta: Tensor) -> Tensor:
         """The merged weight in fp32 from ``w0`` (fp32, stored layout) and the LoRA update ``delta``."""
