@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import loralib
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,6 +182,62 @@ def test_conv_kernels_and_groups_against_plain_pytorch(_id, ctor, shape):
             ref = _build(ctor, loralib)
             _randomize_lora(ref, ref)
             ref(x)
+
+
+# the paper's scaling alpha / r of each CONV_FIXES entry, from its constructor arguments
+CONV_SCALING = {"conv1d-k3": 4 / 2, "conv3d-k3": 4 / 2, "conv2d-grouped": 2 / 2, "conv1d-grouped": 2 / 1}
+
+
+@pytest.mark.parametrize("_id,ctor,shape", CONV_FIXES, ids=[c[0] for c in CONV_FIXES])
+def test_conv_lora_path_as_its_own_convolution(_id, ctor, shape):
+    """Outside lorakit's delta_weight and scaling: conv(x, W0) + (alpha / r) conv(x, (B A).view(W0.shape)),
+    the LoRA path as a separate F.conv (loralib's layout, the constructor's alpha and r), and the
+    gradients autograd takes through that formula."""
+    layer = _build(ctor, lora)
+    _randomize_lora(layer, layer)
+    x = torch.randn(shape)
+    out, g = _grads(layer.train(), x)
+    c = layer.conv
+    w0, b0 = c.weight.detach(), c.bias.detach()
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w0.dim() - 2]
+    geo = (c.stride, c.padding, c.dilation, c.groups)
+    ref = fn(xr, w0, b0, *geo) + CONV_SCALING[_id] * fn(xr, (B @ A).view(w0.shape), None, *geo)
+    (ref * torch.linspace(-1, 1, ref.numel()).view(ref.shape)).sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    for name, want in (("lora_A", A.grad), ("lora_B", B.grad), ("input", xr.grad)):
+        torch.testing.assert_close(g[name], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (lambda: nn.Conv1d(3, 5, 3, stride=2, padding=1), (2, 3, 9)),
+    (lambda: nn.Conv3d(2, 4, (2, 3, 3), padding=1), (1, 2, 4, 5, 5)),
+], ids=["conv1d-k3", "conv3d-k233"])
+def test_injected_conv_kernel_gt1_is_peft_two_convolutions(conv, shape):
+    """An injected Conv1d/Conv3d with kernel > 1 against PEFT's definition, written out: the LoRA path is
+    a convolution with A as an (r, in, *k) kernel, then a 1x1 convolution with B; and the real PEFT with
+    the same A and B gives the same output."""
+    torch.manual_seed(0)
+    base = nn.Sequential(conv())
+    ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=2, alpha=4, targets=["0"], init="random"))
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    layer, pl = ours[0], pm.base_model.model[0]
+    c = base[0]
+    w0 = c.weight.detach()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        A = layer.lora_A.detach().view(2, *w0.shape[1:])  # (r, in, *k)
+        B = layer.lora_B.detach().view(w0.shape[0], 2, *[1] * (w0.dim() - 2))  # (out, r, 1, ...)
+        pl.lora_A["default"].weight.copy_(A)
+        pl.lora_B["default"].weight.copy_(B)
+        fn = {1: F.conv1d, 3: F.conv3d}[w0.dim() - 2]
+        x = torch.randn(shape)
+        lora_path = fn(fn(x, A, None, c.stride, c.padding, c.dilation), B)
+        ref = fn(x, w0, c.bias, c.stride, c.padding, c.dilation) + (4 / 2) * lora_path
+        torch.testing.assert_close(ours(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pm(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_dropout_is_honoured_loralib_ignores_it():
