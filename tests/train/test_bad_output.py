@@ -22,6 +22,7 @@ from lorakit.errors import LoraError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import DemoConfig, EvalConfig, MergeConfig, TrainConfig
 from lorakit.train.errors import ResumeError, TrainConfigError
+
 from .conftest import tiny_eval_options, tiny_train_options
 
 
@@ -150,6 +151,23 @@ def test_resume_from_a_poisoned_run_fails_before_loading_the_model(
     monkeypatch.setattr(loop, "load_model", _never)
     with pytest.raises(ResumeError, match=r"classifier\.weight"):
         loop.Trainer(TrainConfig.build(tiny_train_options(tiny_bert, sentiment_files, output_dir=run, resume=True)))
+
+
+@pytest.mark.parametrize("shards", [None, "1MB"], ids=["merge_and_unload", "streamed-shards"])
+def test_merge_refuses_a_non_finite_adapter(tiny_adapter: Path, tmp_path: Path, shards: str | None) -> None:
+    from safetensors.torch import load_file
+
+    from lorakit.train.commands import run_merge
+
+    st = tiny_adapter / "adapter_model.safetensors"
+    tensors = load_file(str(st))
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, str(st))
+    opts = {"adapter": str(tiny_adapter), "output": str(tmp_path / "merged"), "max_shard_size": shards}
+    with pytest.raises(LoraError, match=key.split("model.", 2)[-1].replace(".", r"\.")):
+        run_merge(MergeConfig.build({k: v for k, v in opts.items() if v is not None}))
+    assert not (tmp_path / "merged").exists()
 
 
 def test_head_file_with_non_finite_weights_is_refused(tmp_path: Path) -> None:

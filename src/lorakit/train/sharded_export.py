@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lorakit.atomic import atomic_dir
+from lorakit.checks import check_finite
 from lorakit.train.errors import TrainConfigError
 
 PREFIX = "base_model.model."
@@ -53,7 +54,9 @@ def _adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise TrainConfigError(f"--adapter: {path} lacks adapter_config.json / adapter_model.safetensors")
-    return json.loads(cfg_file.read_text()), load_file(str(weights))
+    tensors = load_file(str(weights))
+    check_finite(tensors, f"--adapter: {weights}", TrainConfigError, hint="merging it would write a NaN/inf model")
+    return json.loads(cfg_file.read_text()), tensors
 
 
 def _scale(cfg: dict[str, Any], module: str, r: int) -> float:
