@@ -200,6 +200,12 @@ def is_quant_lora(module: nn.Module) -> bool:
 
 def factory(module: nn.Module, spec: Any) -> LoraLayer:
     """The injection registry's entry for bitsandbytes layers (``spec``: ``lorakit.inject.LayerSpec``)."""
+    for flag in ("use_dora", "lora_bias"):
+        if getattr(spec, flag, False):
+            from ..errors import UnsupportedModuleError
+
+            raise UnsupportedModuleError(f"{type(module).__name__} (quantized base): {flag}=True is not supported "
+                                         "on a quantized base yet; use plain LoRA here, or a float base")
     if spec.enable is not None:
         return QuantMergedLinear.from_module(module, spec.r, spec.alpha, spec.dropout, enable_lora=spec.enable,
                                              use_rslora=spec.use_rslora, init=spec.init)
