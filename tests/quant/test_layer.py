@@ -307,3 +307,26 @@ def test_dora_on_a_quantized_base_is_refused_before_anything_changes(toy: Toy) -
     with pytest.raises(UnsupportedModuleError, match="use_dora=True is not supported on a quantized base"):
         lorakit.inject(q, cfg)
     assert not list(lorakit.lora_layers(q))
+
+
+def test_a_model_loaded_quantized_by_transformers_injects_directly(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "f")
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    m = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "f", quantization_config=qc, dtype=torch.float32)
+    m.train()  # (no bf16 CPU repack by bitsandbytes)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    keys = set(m.state_dict())
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+    lorakit.inject(m, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    assert isinstance(m.model.layers[0].mlp.up_proj, QuantLinear)
+    assert keys <= set(m.state_dict())  # transformers' bitsandbytes keys stay
+    with torch.no_grad():
+        assert (m(input_ids=ids).logits - want).abs().max() < 1e-5  # B = 0: the quantized base itself
+    m(input_ids=ids, labels=ids).loss.backward()
+    assert m.model.layers[0].mlp.up_proj.lora_B.grad.abs().sum() > 0
