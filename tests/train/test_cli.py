@@ -168,8 +168,11 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_e2e_train_generate_bleu(
-    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lorakit.train import e2e_metrics
+
+    monkeypatch.setattr(e2e_metrics, "java_missing", lambda: "no jar start here (tested in test_e2e_metrics)")
     data = tmp_path / "e2e.txt"
     data.write_text(E2E_LINES)
     run = tmp_path / "e2e"
@@ -189,6 +192,9 @@ def test_e2e_train_generate_bleu(
     assert main(cli_args("eval", model, **eval_opts)) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["n_mrs"] == 2 and "bleu" in ev and "loss" in ev
+    assert {"nist", "rouge_l", "cider"} <= set(ev) and ev["meteor"] is None and "no jar" in ev["skipped"]
+    assert ev["peak_rss_eval_mb"] > 0 and ev["peak_rss_load_mb"] > 0
+    assert {"nist", "rouge_l", "cider", "meteor"} <= set(res["final"]) and res["peak_rss_train_mb"] > 0
 
 
 @pytest.mark.slow

@@ -51,6 +51,10 @@ TASKS: dict[str, TaskSpec] = {
     "e2e": TaskSpec("e2e", "generation", "bleu"),
 }
 STSB_RANGE = (0.0, 5.0)
+# The figure the LoRA paper's tables report per task (Table 2: MRPC accuracy, CoLA Matthews, STS-B Pearson;
+# Table 3: BLEU first). ``TaskSpec.metric`` is what picks the best checkpoint (MRPC: F1).
+PAPER_METRIC = {"sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy", "cola": "matthews", "stsb": "pearson",
+                "e2e": "bleu"}
 
 
 def get_task(name: str) -> TaskSpec:

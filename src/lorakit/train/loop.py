@@ -24,7 +24,7 @@ from lorakit.train import distributed as dd
 from lorakit.train import fsdp, sharded_ckpt
 from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import TaskSpec, eval_digest, get_task, load_task_data, subsample
+from lorakit.train.data import PAPER_METRIC, TaskSpec, eval_digest, get_task, load_task_data, subsample
 from lorakit.train.errors import DataError, TrainConfigError
 from lorakit.train.evaluate import autocast, decoding, evaluate, loss_sum, model_inputs, score_e2e
 from lorakit.train.memory import PhasePeaks, peak_rss_mb
@@ -401,6 +401,8 @@ class Trainer:
                 "final": final,
                 "best": {"step": best.get("step"), **(best.get("metrics") or {})},
                 "metric": self.spec.metric,
+                "paper_metric": {PAPER_METRIC[self.spec.name]: final.get(PAPER_METRIC[self.spec.name])},
+                "n_eval": len(self.eval_raw),
                 "trainable_params": self.method_info["trainable_params"],
                 "total_params": self.method_info["total_params"],
                 "trainable_fraction": self.method_info["trainable_fraction"],
