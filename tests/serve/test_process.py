@@ -27,7 +27,7 @@ def _start(toy: Path, tmp_path: Path, **extra: object) -> tuple[subprocess.Popen
     lines = [f"{k} = {json.dumps(v)}" for k, v in cfg.items()]
     (tmp_path / "serve.toml").write_text("\n".join(lines) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit.serve", "--config", str(tmp_path / "serve.toml")],
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--config", str(tmp_path / "serve.toml")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
 

@@ -29,6 +29,9 @@ from .metrics import ServeMetrics
 from .sampling import SamplingParams
 from .schemas import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, _Sampling
 
+#: How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+
 
 @dataclass
 class ServerState:
@@ -88,14 +91,8 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error",
                                        None, code), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        if state.api_key and request.url.path != "/health":
-            got = request.headers.get("authorization", "")
-            want = f"Bearer {state.api_key}"
-            if not hmac.compare_digest(got.encode(), want.encode()):
-                return error_response(AuthError("missing or invalid API key: send 'Authorization: Bearer <key>'"))
-        return await call_next(request)
+    if state.api_key:
+        app.add_middleware(_BearerAuth, key=state.api_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -131,7 +128,7 @@ def create_app(state: ServerState) -> FastAPI:
                               stop=body.stops())
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         p = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], str):
             if len(p) != 1:
@@ -146,10 +143,10 @@ def create_app(state: ServerState) -> FastAPI:
                 raise InvalidRequestError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         params = params_for(body, len(ids), body.max_tokens, "max_tokens", 16)
         engine.check_length(len(ids), params.max_tokens, "prompt")
-        return await _run(body, ids, params, chat=False)
+        return await _run(body, ids, params, request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Response:
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -160,9 +157,10 @@ def create_app(state: ServerState) -> FastAPI:
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         params = params_for(body, len(ids), asked, param, state.max_tokens_cap)
         engine.check_length(len(ids), params.max_tokens, "messages")
-        return await _run(body, ids, params, chat=True)
+        return await _run(body, ids, params, request, chat=True)
 
-    async def _run(body: _Sampling, ids: list[int], params: SamplingParams, chat: bool) -> Response:
+    async def _run(body: _Sampling, ids: list[int], params: SamplingParams, request: Request,
+                   chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -179,8 +177,18 @@ def create_app(state: ServerState) -> FastAPI:
                                      headers={"Cache-Control": "no-cache"})
         text, last = [], None
         try:
+            check = loop.time() + DISCONNECT_POLL_S
             while last is None:
-                ev = await queue.get()
+                try:
+                    ev: Event | None = await asyncio.wait_for(queue.get(), max(0.0, check - loop.time()))
+                except TimeoutError:
+                    ev = None
+                if loop.time() >= check:  # every DISCONNECT_POLL_S, tokens arriving or not
+                    if await request.is_disconnected():  # the client gave up: free the row
+                        return Response(status_code=499)
+                    check = loop.time() + DISCONNECT_POLL_S
+                if ev is None:
+                    continue
                 if ev.kind == "token":
                     text.append(ev.text)
                 else:
@@ -257,6 +265,23 @@ def create_app(state: ServerState) -> FastAPI:
                 "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
 
     return app
+
+
+class _BearerAuth:
+    """Pure ASGI middleware (no wrapped ``receive``, so handlers still see client disconnects):
+    every path but ``/health`` needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            got = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.want):
+                resp = error_response(AuthError("missing or invalid API key: send 'Authorization: Bearer <key>'"))
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _usage(ev: Event) -> dict[str, int]:
