@@ -34,6 +34,7 @@ ALIASES = {
     "modules_to_save": "trainable",
     "exclude_modules": "exclude",
     "init_lora_weights": "init",
+    "trainable_token_indices": "trainable_tokens",
 }
 
 # PEFT `LoraConfig` fields that carry no weight semantics: read and ignored.
@@ -44,7 +45,7 @@ _PEFT_METADATA = {
 # PEFT features lorakit does not implement: accepted only at their "off" value.
 _PEFT_UNSUPPORTED = {
     "megatron_config", "megatron_core",
-    "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
     "monteclora_config", "layer_replication", "runtime_config", "target_parameters",
     "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
@@ -90,6 +91,8 @@ class LoraConfig:
         layers_to_transform: only modules in these layer indices (PEFT's rule: the first ``.<n>.``
             in the name, or the one after ``layers_pattern``); applies to list ``targets`` matched by suffix.
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``), a string or a list of them.
+        trainable_tokens: embedding rows to train (PEFT's ``trainable_token_indices``): a list for the
+            input embedding, or ``{module name: [indices]}`` (:mod:`lorakit.tokens`).
     """
 
     r: int = 8
@@ -108,6 +111,7 @@ class LoraConfig:
     lora_bias: bool = False
     layers_to_transform: int | tuple[int, ...] | None = None
     layers_pattern: str | tuple[str, ...] | None = None
+    trainable_tokens: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -127,6 +131,13 @@ class LoraConfig:
         set_(self, "fused", {k: tuple(bool(b) for b in v) for k, v in (self.fused or {}).items()})
         if isinstance(self.layers_to_transform, Sequence) and not isinstance(self.layers_to_transform, str):
             set_(self, "layers_to_transform", tuple(self.layers_to_transform) or None)
+        tt = self.trainable_tokens
+        if isinstance(tt, Mapping):
+            set_(self, "trainable_tokens", {str(k): tuple(v) for k, v in tt.items()} or None)
+        elif isinstance(tt, Sequence) and not isinstance(tt, str):
+            set_(self, "trainable_tokens", tuple(tt) or None)
+        elif tt is not None:
+            raise LoraConfigError(f"trainable_tokens: expected a list of token ids or {{module: [ids]}}, got {tt!r}")
         if isinstance(self.layers_pattern, Sequence) and not isinstance(self.layers_pattern, str):
             set_(self, "layers_pattern", tuple(self.layers_pattern) or None)
         if self.init is True:
@@ -215,6 +226,8 @@ class LoraConfig:
         d["exclude"] = self.exclude if isinstance(self.exclude, str) else list(self.exclude)
         d["trainable"] = list(self.trainable)
         d["fused"] = {k: list(v) for k, v in self.fused.items()}
+        tt = self.trainable_tokens
+        d["trainable_tokens"] = {k: list(v) for k, v in tt.items()} if isinstance(tt, Mapping) else _listed(tt)
         return d
 
     def to_json(self) -> str:
@@ -249,6 +262,7 @@ class LoraConfig:
             "lora_bias": self.lora_bias,
             "layers_to_transform": _listed(self.layers_to_transform),
             "layers_pattern": _listed(self.layers_pattern),
+            "trainable_token_indices": self.to_dict()["trainable_tokens"],
         }
 
     # --- per-module resolution -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import tokens as _tokens
 from .atomic import atomic_dir
 from .checks import check_finite, require_path, takes_model
 from .config import LoraConfig
@@ -133,7 +134,12 @@ def adapter_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, Tenso
             for k, v in sd.items():
                 if k.startswith(mod + ".") and "lora_" not in k:
                     tensors[PREFIX + k] = v
+    token_idx = {}
+    for mod_name, m in _tokens.token_modules(model).items():  # trainable tokens, PEFT's key
+        tensors[f"{PREFIX}{mod_name}.{_tokens.PEFT_SUFFIX}"] = m._parameters[_tokens.DELTA].detach()
+        token_idx[mod_name] = _tokens.indices_of(m)
     peft = config.to_peft_dict(fan_in_fan_out=fifo, ranks=ranks)
+    peft["trainable_token_indices"] = token_idx or None
     peft["target_modules"] = names  # explicit names: PEFT then adapts exactly what we did
     peft["exclude_modules"] = None
     peft["alpha_pattern"] = alphas
@@ -252,6 +258,8 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
     unexpected keys, finite values unless ``allow_nonfinite``) before the model is touched; every
     problem is reported at once. Named adapters and loralib ``.pt`` files: :func:`lorakit.load_adapter`."""
     config, tensors = read_adapter(path, allow_nonfinite=allow_nonfinite)
+    token_rows = {_split_key(k)[0].removesuffix("." + _tokens.PEFT_SUFFIX): tensors.pop(k)
+                  for k in [k for k in tensors if k.endswith(_tokens.PEFT_SUFFIX)]}
     per_module: dict[str, dict[str, Tensor]] = {}
     extras: dict[str, Tensor] = {}
     for key, t in tensors.items():
@@ -317,6 +325,7 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
             problems.append(f"{k}: unexpected key, the model has no such parameter")
         elif tuple(t.shape) != sd_shapes[k]:
             problems.append(f"{k}: shape {tuple(t.shape)} in the file, the model has {sd_shapes[k]}")
+    tokens = _check_tokens(model, config, token_rows, problems)
     if problems:
         raise AdapterMismatchError(f"{path}: adapter does not fit the model:\n  " + "\n  ".join(problems))
     # --- all checks passed: now change the model -------------------------------------------------
@@ -341,6 +350,9 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
                 variant.load_peft_tensors(layer, ts)
             if was_merged:
                 layer.merge()
+        _tokens.apply(model, tokens)
+        for m, t in token_rows.items():
+            model.get_submodule(m)._parameters[_tokens.DELTA].copy_(t)
         if extras:
             params = dict(model.named_parameters())
             bufs = dict(model.named_buffers())
@@ -355,6 +367,24 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
 
     QR.after_load(model, path)  # warns when the adapter was trained on a differently quantized base
     return model
+
+
+def _check_tokens(model: nn.Module, config: LoraConfig, rows: dict[str, Tensor],
+                  problems: list[str]) -> dict[str, tuple[int, ...]]:
+    """Trainable-token rows in the file against ``config.trainable_tokens`` and the model."""
+    try:
+        tokens = _tokens.resolve_tokens(model, config.trainable_tokens)
+    except LoraError as e:
+        problems.append(f"trainable_token_indices: {e}")
+        return {}
+    for m, t in rows.items():
+        if m not in tokens:
+            problems.append(f"{m}.{_tokens.PEFT_SUFFIX}: no trainable_token_indices entry for {m!r} in the config")
+        elif tuple(t.shape) != (len(tokens[m]), model.get_submodule(m).weight.shape[1]):
+            problems.append(f"{m}.{_tokens.PEFT_SUFFIX}: shape {tuple(t.shape)}, the model needs "
+                            f"({len(tokens[m])}, {model.get_submodule(m).weight.shape[1]})")
+    problems.extend(f"{m}.{_tokens.PEFT_SUFFIX}: missing from the file" for m in tokens if m not in rows)
+    return tokens
 
 
 def _alpha_at(config: LoraConfig, module: str, r_file: int) -> float:

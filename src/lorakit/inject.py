@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import tokens as _tokens
 from .checks import require_config, takes_model
 from .config import ALL_LINEAR, LoraConfig
 from .errors import (
@@ -228,11 +229,13 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     require_config(config, "inject")
     matches = resolve(model, config)
+    tokens = _tokens.resolve_tokens(model, config.trainable_tokens)  # validated before any change
     built = build_layers(matches)  # every layer checked before a weight-rewriting init runs
     if not hasattr(model, "_lorakit_requires_grad"):
         model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for name, layer in built:
         _set_module(model, name, layer)
+    _tokens.apply(model, tokens)
     configs = dict(getattr(model, "_lorakit_configs", {}))
     configs["default"] = config
     model._lorakit_configs = configs

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from .checks import takes_model
+from .errors import UnsupportedModuleError
 from .inject import _set_module, forget_injection, lora_layers
+from .tokens import bake as _bake_tokens
 
 
 @takes_model
@@ -56,6 +58,11 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         raise ArgumentTypeError(f"merge_and_unload: dtype must be a floating torch.dtype (e.g. torch.bfloat16) "
                                 f"or None, got {dtype!r}")
     QR.check_merge(model, "merge_and_unload")
+    for name, layer in lora_layers(model):  # a variant (DoRA, LoRA bias) merges through LoraLayer.merge only
+        variant = layer.__dict__.get("lora_variant")
+        if variant is not None and dtype is not None:
+            raise UnsupportedModuleError(f"merge_and_unload(dtype=): {name!r} has a {variant.describe()} adapter; "
+                                         "merge it in its own dtype (dtype=None), then cast the plain model")
     quantized = False
     for name, layer in list(lora_layers(model)):
         if dtype is not None or QM.is_quant_lora(layer):
@@ -72,5 +79,6 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         _set_module(model, name, plain)
     if quantized or dtype is not None:
         QM.dequantize_rest(model, dtype)
+    _bake_tokens(model)  # trainable tokens: the rows into the weights, hooks removed
     forget_injection(model)
     return model

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft", reason="peft's LoraConfig is the list of fiel
 #: a non-default value for each field lorakit refuses (what a PEFT user would have set).
 _ON = {
     "megatron_config": {"x": 1},
-    "megatron_core": "my.megatron", "trainable_token_indices": [0, 1], "loftq_config": {"loftq_bits": 4},
+    "megatron_core": "my.megatron", "loftq_config": {"loftq_bits": 4},
     "eva_config": {"rho": 2.0}, "corda_config": {"x": 1}, "lora_ga_config": {"x": 1}, "velora_config": {"x": 1},
     "alora_invocation_tokens": [1, 2], "use_qalora": True, "qalora_group_size": 32, "monteclora_config": {"x": 1},
     "layer_replication": [[0, 1]], "runtime_config": {"ephemeral_gpu_offload": True},
@@ -28,7 +28,8 @@ _ON = {
 _WORKS = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["0"], "exclude_modules": ["1"],
           "bias": "all", "use_rslora": True, "modules_to_save": ["1"], "init_lora_weights": "gaussian",
           "rank_pattern": {"0": 2}, "alpha_pattern": {"0": 3}, "use_dora": True, "lora_bias": False,
-          "fan_in_fan_out": False, "layers_to_transform": [0], "layers_pattern": None}
+          "fan_in_fan_out": False, "layers_to_transform": [0], "layers_pattern": None,
+          "trainable_token_indices": {"embed_tokens": [0, 1]}}
 _METADATA = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
              "inference_mode"}
 

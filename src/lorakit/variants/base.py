@@ -107,6 +107,9 @@ def builder_for(layer: nn.Module, name: str, where: str = "") -> LoraVariant:
     if variant_of(layer) is not None:
         raise LoraConfigError(f"{where or type(layer).__name__}: already has the variant "
                               f"{variant_of(layer).describe()!r}; one variant per layer")
+    if getattr(layer, "quant_base", None) is not None:
+        raise UnsupportedModuleError(f"{where or type(layer).__name__}: {name} on a quantized base "
+                                     "(lorakit.quant) is not supported yet")
     try:
         return _BUILDERS[name](layer)
     except UnsupportedModuleError as e:
