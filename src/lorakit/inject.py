@@ -275,6 +275,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not name:
             raise UnsupportedModuleError("the model itself is a LoRA layer; call layer.to_plain() instead")
         _set_module(model, name, layer.to_plain())
+    _tokens.bake(model, write=False)  # trainable tokens: hooks and rows removed, W0 untouched
     forget_injection(model)
     return model
 

@@ -121,15 +121,16 @@ def token_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if DELTA in getattr(m, "_parameters", {})}
 
 
-def bake(model: nn.Module) -> None:
-    """Write every trainable row into its weight and remove the hooks (for ``merge_and_unload``)."""
+def bake(model: nn.Module, write: bool = True) -> None:
+    """Write every trainable row into its weight (``write``; ``merge_and_unload``) and remove the
+    hooks and rows (``write=False``: ``unwrap``, the weights stay the original ones)."""
     for _, m in list(model.named_modules()):
         state = m.__dict__.pop(_STATE, None)
         if state is None:
             continue
         index, _, handle, owner = state
         handle.remove()
-        if owner is m:
+        if owner is m and write:
             with torch.no_grad():
                 m.weight.index_copy_(0, index, m._parameters[DELTA].to(m.weight.dtype))
     for m in token_modules(model).values():

@@ -59,6 +59,8 @@ def test_formula_and_only_the_rows_train() -> None:
     assert (model(IDS) - base.lm_head(h)).abs().max().item() < 1e-6
     model(IDS).sum().backward()
     assert model.embed_tokens.weight.grad is None and model.embed_tokens.lora_token_delta.grad is not None
+    unwrapped = lorakit.unwrap(copy.deepcopy(model))
+    assert torch.equal(unwrapped(IDS), base(IDS)) and not lorakit.tokens.token_modules(unwrapped)
     plain = lorakit.merge_and_unload(copy.deepcopy(model))
     assert torch.equal(plain.embed_tokens.weight[[3, 5]], model.embed_tokens.lora_token_delta.detach())
     assert (plain(IDS) - model(IDS)).abs().max().item() < 1e-6

@@ -143,9 +143,9 @@ def detach(layer: nn.Module) -> None:
 def refuse_named(model: nn.Module, config: Any, what: str) -> None:
     """Named adapters (``add_adapter``, ``load_adapter(name=)``, ``combine``) keep one (A, B) pair per
     adapter and no variant tensors yet: refuse a variant config, or a model whose layers carry one."""
-    flags = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
+    flags = [f for f in ("use_dora", "lora_bias", "trainable_tokens") if getattr(config, f, False)]
     if flags:
-        raise UnsupportedModuleError(f"{what}: {flags[0]}=True is supported for the model's first adapter "
+        raise UnsupportedModuleError(f"{what}: {flags[0]} is supported for the model's first adapter "
                                      "(inject / load_adapter without name=), not for named adapters yet")
     for name, m in model.named_modules():
         v = variant_of(m)
