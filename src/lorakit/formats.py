@@ -35,6 +35,7 @@ from .errors import (
 )
 from .inject import _set_module, apply_trainable, build_layers, lora_layers, resolve
 from .layers import ConvLoRA, Embedding, LoraLayer, MergedLinear
+from .layers.mha import LoraMultiheadAttention
 from .variants import attach, is_weight_init
 from .variants.grouped import to_peft_pair
 
@@ -66,6 +67,14 @@ def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
         A = A.view(A.shape[0], *w.shape[1:])  # (r, in, *k)
         B = B.view(*B.shape, *([1] * (w.dim() - 2)))  # (out, r, 1, ...)
     return _with_variant(layer, {"lora_A.weight": A, "lora_B.weight": B})
+
+
+def _peft_name(model: nn.Module, name: str) -> str:
+    """PEFT's module path: an adapted MultiheadAttention's out_proj sits under its ``base_layer``."""
+    parent, _, child = name.rpartition(".")
+    if child == "out_proj" and isinstance(model.get_submodule(parent), LoraMultiheadAttention):
+        return f"{parent}.base_layer.out_proj"
+    return name
 
 
 def _with_variant(layer: LoraLayer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -106,12 +115,14 @@ def adapter_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, Tenso
     for name, layer in lora_layers(model):
         if not layer.has_lora:
             continue
-        names.append(name)
+        pname = _peft_name(model, name)
+        if pname == name:  # an MHA's out_proj is adapted by targeting the MHA, as in PEFT
+            names.append(name)
         fifo = fifo or bool(getattr(layer, "fan_in_fan_out", False))
         for suffix, t in peft_tensors(layer).items():
-            tensors[f"{PREFIX}{name}.{suffix}"] = t.contiguous()
+            tensors[f"{PREFIX}{pname}.{suffix}"] = t.contiguous()
         a_key = "lora_embedding_A" if isinstance(layer, Embedding) else "lora_A.weight"
-        r_file = tensors[f"{PREFIX}{name}.{a_key}"].shape[0]
+        r_file = tensors[f"{PREFIX}{pname}.{a_key}"].shape[0]
         alpha = layer.lora_alpha * (r_file / layer.r if not layer.use_rslora else math.sqrt(r_file / layer.r))
         if r_file != config.r:
             ranks[name] = r_file

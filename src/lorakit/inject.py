@@ -29,6 +29,7 @@ from .errors import (
 )
 from .layers import Embedding, LoraConv1d, LoraConv2d, LoraConv3d, LoraLayer, MergedLinear, is_conv1d_like
 from .layers import Linear as LoraLinear
+from .layers.mha import LoraMultiheadAttention
 from .quant import backend as _quant
 
 
@@ -71,6 +72,7 @@ REGISTRY: dict[type, Factory] = {
     nn.Conv1d: _simple(LoraConv1d),
     nn.Conv2d: _simple(LoraConv2d),
     nn.Conv3d: _simple(LoraConv3d),
+    nn.MultiheadAttention: _simple(LoraMultiheadAttention),
 }
 _CONV1D_NAME = "transformers Conv1D"
 
@@ -346,6 +348,12 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
     matches = resolve(model, config)
     out = Plan(total_params=sum(p.numel() for p in model.parameters()))
     for m in matches:
+        if isinstance(m.module, nn.MultiheadAttention):  # in_proj (3E, E) and out_proj (E, E)
+            e = m.module.embed_dim
+            n = m.spec.r * (3 * e + e) + m.spec.r * (e + e)
+            out.rows.append(PlanRow(m.name, "MultiheadAttention", (3 * e, e), m.spec.r, m.spec.alpha, n))
+            out.lora_params += n
+            continue
         w = m.module.weight
         if _quant.is_quantized(m.module):  # packed weight: sizes from the layer (lorakit.quant.planning)
             from .quant import planning as QP

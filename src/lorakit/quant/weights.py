@@ -211,7 +211,9 @@ def weight_nbytes(module: nn.Module) -> int:
     if QB.is_quantized(module):
         snap = snapshot(module)
         return quantized_nbytes_of(snap.data, snap.state)
-    w = module.weight
+    w = getattr(module, "weight", None)
+    if w is None:  # e.g. nn.MultiheadAttention (in_proj_weight): its own parameters
+        return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
     return w.numel() * w.element_size()
 
 
