@@ -30,21 +30,24 @@ def load(name: str, smoke: bool, device: torch.device | str = "cpu", dtype: torc
 
 def apply_variant(model: nn.Module, variant: str, targets: Sequence[str], r: int, alpha: float,
                   dropout: float) -> nn.Module:
-    """floor: frozen; full: all trainable; lorakit / lorakit-plain / loralib / peft: LoRA on ``targets``."""
+    """floor: frozen; full: all trainable; lorakit / lorakit-plain / loralib / peft: LoRA on ``targets``;
+    lorakit-dora / peft-dora: DoRA on ``targets``."""
     if variant == "full":
         return model
     freeze(model)
-    if variant in ("lorakit", "lorakit-plain"):
+    if variant in ("lorakit", "lorakit-plain", "lorakit-dora"):
         import lorakit
-        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=list(targets)))
+        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=list(targets),
+                                                 use_dora=variant == "lorakit-dora"))
         for _, layer in lorakit.lora_layers(model):
             layer.lora_fused = variant == "lorakit"
     elif variant == "loralib":
         swap_loralib(model, targets, r, alpha, dropout)
-    elif variant == "peft":
+    elif variant in ("peft", "peft-dora"):
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                           target_modules=list(targets)))
+                                                           target_modules=list(targets),
+                                                           use_dora=variant == "peft-dora"))
     return model
 
 
