@@ -10,7 +10,8 @@ Variants: ``lorakit-fp32`` (the anchor), ``lorakit-nf4``, ``peft-nf4`` (PEFT's b
 time the base part alone (forward + input-gradient backward of the 1536×576 ``up_proj`` at 512
 rows): lorakit's dequantize-then-GEMM Function against ``bitsandbytes.matmul_4bit``.
 
-Peak memory: the fp32 checkpoint is loaded before it is quantized, so the process's lifetime peak
+Peak memory: every parameter is first copied out of the loader's mmap of the checkpoint (else the
+file pages quantization read stay resident); the fp32 checkpoint is loaded before it is quantized, so the process's lifetime peak
 (``ru_maxrss``, in the notes as ``life_mib``) is the load's. The table's peak is the step's:
 ``VmHWM`` from ``/proc/self/status`` after resetting it (``/proc/self/clear_refs``, after
 ``malloc_trim``) once the model is built and warmed up. ``adapted_base_mib`` is the resident bytes
@@ -72,6 +73,9 @@ def _build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     model = load("smollm2", args.smoke)
     for p in model.parameters():
         p.requires_grad_(False)
+        # own memory instead of views into the loader's mmap of the checkpoint: otherwise the pages that
+        # quantization read stay resident (the map lives while any tensor, e.g. the embedding, uses it)
+        p.data = p.data.clone()
     if variant.endswith(("nf4", "int8")):
         lorakit.quantize_base(model, "int8" if variant.endswith("int8") else "nf4", skip=("lm_head",))
     if variant.startswith("lorakit"):
