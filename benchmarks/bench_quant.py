@@ -11,10 +11,10 @@ time the base part alone (forward + input-gradient backward of the 1536×576 ``u
 rows): lorakit's dequantize-then-GEMM Function against ``bitsandbytes.matmul_4bit``.
 
 Peak memory: every parameter is first copied out of the loader's mmap of the checkpoint (else the
-file pages quantization read stay resident); the fp32 checkpoint is loaded before it is quantized, so the process's lifetime peak
-(``ru_maxrss``, in the notes as ``life_mib``) is the load's. The table's peak is the step's:
+file pages quantization read stay resident while any tensor uses the map). The table's peak is
 ``VmHWM`` from ``/proc/self/status`` after resetting it (``/proc/self/clear_refs``, after
-``malloc_trim``) once the model is built and warmed up. ``adapted_base_mib`` is the resident bytes
+``malloc_trim``) once the model is built and warmed up; the lifetime peak (``ru_maxrss``) is in the
+notes as ``life_mib`` (on SmolLM2 both are the step's). ``adapted_base_mib`` is the resident bytes
 of the adapted layers' base weights (codes and scales; fp32 weights for the fp32 base), ``ratio``
 that against fp32.
 """
