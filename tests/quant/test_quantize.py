@@ -115,6 +115,10 @@ def test_conv1d_and_tied_and_odd_layers() -> None:
     assert (QW.dequantize(m.c_attn) - w.t()).abs().max() < 0.25 * w.abs().max()
     assert type(m.odd) is nn.Linear and "odd" in m._lorakit_quant_skipped
     assert type(m.head) is nn.Linear and "tied" in m._lorakit_quant_skipped["head"]
+    import lorakit
+
+    text = str(lorakit.plan(m, lorakit.LoraConfig(r=2, alpha=4, targets=["c_attn"])))
+    assert "odd: left in float by quantize_base (in_features=33 is odd" in text and "Linear4bit(nf4)" in text
     assert transformers is not None
 
 
