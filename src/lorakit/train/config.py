@@ -255,6 +255,10 @@ class TrainConfig(DecodeOptions):
         None, "peak learning rate (default: lora 5e-4, full 3e-5, head 1e-3)", lo=0.0, lo_open=True
     )
     weight_decay: float = opt(0.1, "AdamW weight decay", lo=0.0)
+    loraplus_ratio: float | None = opt(
+        None, "LoRA+ (Hayou et al. 2024): lora_B learns this many times faster than lora_A (paper: 16)",
+        lo=0.0, lo_open=True
+    )
     warmup_ratio: float = opt(0.06, "linear warm-up as a fraction of all steps", lo=0.0, hi=1.0)
     warmup_steps: int | None = opt(None, "linear warm-up steps (overrides --warmup-ratio)", lo=0)
     epochs: float = opt(3.0, "training epochs", lo=0.0, lo_open=True)
@@ -293,6 +297,8 @@ class TrainConfig(DecodeOptions):
             spec = get_task(self.task)
         except Exception as exc:
             raise TrainConfigError(f"--task: {exc}") from None
+        if self.loraplus_ratio is not None and self.method != "lora":
+            raise TrainConfigError(f"--loraplus-ratio applies to --method lora, not {self.method}")
         if spec.kind == "generation" and self.method == "head":
             raise TrainConfigError("--method: head is for classification/regression tasks, not e2e")
         if self.resume and self.overwrite:
