@@ -72,9 +72,13 @@ __all__ = [
     "merge_and_unload", "plan", "read_adapter", "register_layer", "save_adapter", "trainable_parameters",
     "unmerge", "unwrap",
 ]
-# quantized frozen bases (issue 15); lorakit.quant imports bitsandbytes only when it quantizes
+# quantized frozen bases (issue 15); lorakit.quant imports bitsandbytes only when it quantizes.
+# LoRA variants and PEFT configurations (issue 16): DoRA / LoRA bias / PiSSA-OLoRA in lorakit.variants,
+# trainable tokens in lorakit.tokens; switched on through LoraConfig (use_dora, lora_bias, init, trainable_tokens)
+from . import tokens, variants
 from .errors import QuantBackendError, QuantizationError, QuantMismatchError, QuantMismatchWarning
 from .quant import quantize_base
+from .variants import initial_state, to_plain_lora, variant_of
 
 __all__ += ["QuantBackendError", "QuantMismatchError", "QuantMismatchWarning", "QuantizationError", "quantize_base"]
 __all__ += [
@@ -84,3 +88,5 @@ __all__ += [
 ]
 __all__ += ["loraplus_param_groups"]
 __all__ += ["ArgumentTypeError", "NonFiniteTensorError", "NotAModuleError", "OutputPathError"]
+
+__all__ += ["initial_state", "to_plain_lora", "tokens", "variant_of", "variants"]
