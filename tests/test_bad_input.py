@@ -247,13 +247,15 @@ def _entry_points() -> list[tuple[str, Callable[[Any], Any]]]:
         ("trainable_parameters", lorakit.trainable_parameters),
         ("quantize_base", lorakit.quantize_base),
         ("loraplus_param_groups", lambda m: lorakit.loraplus_param_groups(m, 1e-3)),
+        ("initial_state", lorakit.initial_state),
     ]
 
 
 ENTRY_POINTS = _entry_points()
 
 
-@pytest.mark.parametrize("bad", ["not a model", None, {"q": torch.zeros(2)}, Tiny], ids=["str", "None", "dict", "class"])
+@pytest.mark.parametrize("bad", ["not a model", None, {"q": torch.zeros(2)}, Tiny],
+                         ids=["str", "None", "dict", "class"])
 @pytest.mark.parametrize(("name", "call"), ENTRY_POINTS, ids=[n for n, _ in ENTRY_POINTS])
 def test_not_a_module_is_a_typed_error(name: str, call: Callable[[Any], Any], bad: Any, tmp_path: Path) -> None:
     cwd = os.getcwd()

@@ -24,6 +24,7 @@ import re
 import torch
 from torch import Tensor, nn
 
+from ..checks import takes_model
 from ..errors import LoraConfigError, UnsupportedModuleError
 
 __all__ = ["INIT_PATTERN", "apply_init", "check_init", "initial_state", "is_weight_init", "to_plain_lora"]
@@ -78,6 +79,7 @@ def apply_init(layer: nn.Module, init: str, where: str = "") -> None:
         w.copy_(_stored_out_in(layer, residual).to(w.dtype))
 
 
+@takes_model
 def initial_state(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     """``{module name: (A0, B0)}`` copies of every LoRA layer's factors (call right after inject)."""
     out = {}
