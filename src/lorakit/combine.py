@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .checks import takes_model
 from . import task_arithmetic as TA
 from .adapters.manage import _commit, _new_slot, _Staged
 from .adapters.registry import _check_known, _check_new_name, _registry, _slots
@@ -94,7 +93,6 @@ def _refuse_variants(reg: object, names: list[str]) -> None:
                 "them one at a time, or combine plain LoRA adapters")
 
 
-@takes_model
 @takes_model
 def combine(model: nn.Module, weights: Mapping[str, float], method: str = "linear", name: str = "combined",
             rank: int | None = None, *, density: float | None = None, majority_sign_method: str = "total",
