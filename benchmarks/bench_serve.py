@@ -232,6 +232,7 @@ def main() -> None:
                logs / "lorakit.log", args.threads)
     try:
         srv.wait_up(url)
+        print(f"lorakit server up at {url}", flush=True)
         for k in args.counts:
             warm = [{"model": f"a{i}", "prompt": "warm up", "max_tokens": 2, "stream": True} for i in range(k)]
             run_load(url, warm, args.clients)  # adapters resident, first-call costs paid
