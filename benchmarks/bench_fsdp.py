@@ -7,7 +7,7 @@ ratios come from one run::
 
 Variants: ``ddp`` (the base replicated), ``fsdp`` (``lorakit.train.fsdp.shard``: base and LoRA sharded per
 block) and ``fsdp-replicated`` (base sharded, LoRA kept whole on every rank via ``ignored_params``,
-its gradients averaged by one flat all-reduce per step: the best case for replication). The model is
+its gradients averaged by one flat all-reduce at the end of each backward). The model is
 randomly initialised from the named shape (SmolLM2-135M's config by default), LoRA r=8 on q/v.
 """
 
@@ -66,43 +66,21 @@ def local_bytes(model: nn.Module, trainable: bool) -> int:
     return total
 
 
-def wrap(model: nn.Module, variant: str, ctx: Any) -> tuple[Any, list[nn.Parameter]]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+def wrap(model: nn.Module, variant: str, ctx: Any) -> Any:
     from lorakit.train import fsdp
 
     if variant == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model), []
-    if variant == "fsdp":
-        cfg = SimpleNamespace(fsdp_block=None, fsdp_offload=False)
-        return fsdp.shard(model, cfg, ctx).module, []
-    lora = [p for p in model.parameters() if p.requires_grad]
-    mesh = init_device_mesh("cpu", (ctx.world_size,))
-    for b in fsdp.find_blocks(model):
-        fully_shard(b, mesh=mesh, ignored_params=set(lora))
-    fully_shard(model, mesh=mesh, ignored_params=set(lora))
-    return model, lora
-
-
-def allreduce_flat(params: list[nn.Parameter], world: int) -> None:
-    """One all-reduce of every replicated gradient (flattened), then the average written back."""
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    off = 0
-    for g in grads:
-        g.copy_(flat[off:off + g.numel()].view_as(g))
-        off += g.numel()
+        return DDP(model)
+    cfg = SimpleNamespace(fsdp_block=None, fsdp_offload=False)
+    return fsdp.shard(model, cfg, ctx, lora="replicated" if variant == "fsdp-replicated" else "sharded")
 
 
 def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     model = build(args.model)
     full_base = local_bytes(model, trainable=False)
-    wrapped, replicated = wrap(model, variant, ctx)
+    wrapped = wrap(model, variant, ctx)
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -114,8 +92,6 @@ def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         loss = wrapped(input_ids=x, labels=x).loss
         loss.backward()
-        if replicated:
-            allreduce_flat(replicated, ctx.world_size)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,8 +105,9 @@ def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         "lora_bytes_rank": local_bytes(model, trainable=True),
         "rss_mb_after": rss_mb(),
         "step_s": statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process so far
     }
-    del wrapped, model, opt, params, replicated
+    del wrapped, model, opt, params
     gc.collect()
     return out
 

@@ -118,13 +118,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentime
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_matches_single_process(
+def test_two_rank_fsdp_sharded_lora_matches_single_process(
     tmp_path: Path, reference: Path, tiny_bert: Path, sentiment_files: tuple[Path, Path]
 ) -> None:
-    out = tmp_path / "fsdp"
+    out = tmp_path / "fsdp"  # LoRA sharded with its block here; replicated (the default) in the kill test
     res = run_cli(
         *tiny_train_args(tiny_bert, sentiment_files, **COMMON, batch_size=4, fsdp=True, output_dir=out),
-        launcher=torchrun(2), env=ENV, timeout=120,
+        launcher=torchrun(2), env={**ENV, "LORAKIT_FSDP_LORA": "sharded"}, timeout=120,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = train_losses(reference), train_losses(out)

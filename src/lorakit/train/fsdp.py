@@ -2,12 +2,16 @@
 
 The frozen base is sharded per transformer block (one ``fully_shard`` unit per block, then the root
 for embeddings and heads), so each rank holds about 1/N of the base between a block's all-gather and
-its reshard. The LoRA factors are ordinary parameters of the wrapped linears and are sharded with
-their block, like torchtune does: they ride in the block's single all-gather and their gradients in
-its single reduce-scatter. Keeping them replicated instead (``ignored_params`` plus an all-reduce of
-each factor's gradient) was measured slower on 2 gloo ranks (``benchmarks/bench_fsdp.py --lora
-replicated``; figures in docs/benchmarks.md), and it would mix plain tensors and DTensors in one
-clipping / optimizer call.
+its reshard. The trainable parameters (LoRA factors, task heads) are by default *replicated*: left out
+of FSDP (``ignored_params``), whole on every rank, their gradients averaged by one flat all-reduce at
+the end of each synchronising backward. Measured against sharding them with their block (2 gloo
+ranks, ``benchmarks/bench_fsdp.py``, docs/benchmarks.md): equal or faster on the tiny shape (3 of 3
+interleaved pairs, 0.46-0.95x the sharded step), within the machine's noise on SmolLM2-135M (the base
+all-gathers dominate), one collective per step instead of one reduce-scatter per block, and the
+trainables stay plain tensors (no DTensor in clipping, optimizer or user code: PEFT #2344). The cost
+is memory: param + grad + AdamW moments of the adapter on every rank (SmolLM2 r=8 q/v: 7 MiB vs
+3.5 MiB sharded, against a rank's 257 MiB base shard). For adapters too large to replicate,
+``LORAKIT_FSDP_LORA=sharded`` shards them with their block (tested: the same losses and adapter).
 
 Launch (one node)::
 
@@ -33,6 +37,8 @@ from torch import nn
 
 from lorakit.train.errors import FSDPBlockError, FSDPLaunchError, TrainConfigError
 
+# Where the trainable (LoRA, head) parameters live under --fsdp; see the module docstring for the measurement.
+LORA_PLACEMENT = "replicated"  # LORAKIT_FSDP_LORA=sharded overrides
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 LAUNCH_HINT = (
     "launch it with torchrun, e.g. `torchrun --standalone --nproc_per_node 2 -m lorakit train ... --fsdp` "
@@ -115,49 +121,79 @@ def find_blocks(model: nn.Module, block: str | None = None) -> list[nn.Module]:
 
 # --- sharding ----------------------------------------------------------------------------------------
 class Sharded:
-    """The sharded model as the loop calls it: ``__call__`` forwards, ``no_sync()`` defers the gradient
-    reduce-scatter during accumulation micro-batches (FSDP2's ``set_requires_gradient_sync``)."""
+    """The sharded model as the loop calls it: ``__call__`` forwards, ``no_sync()`` defers gradient
+    synchronisation during accumulation micro-batches.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``replicated`` parameters (kept whole on every rank, outside FSDP), their gradients are averaged
+    by one flat all-reduce queued at the end of each synchronising backward pass.
+    """
+
+    def __init__(self, model: nn.Module, replicated: list[nn.Parameter] | None = None) -> None:
         self.module = model
+        self.replicated = replicated or []
+        self.sync = True
+        self._queued = False
+        for p in self.replicated:
+            p.register_post_accumulate_grad_hook(self._queue)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def _queue(self, _: torch.Tensor) -> None:
+        if self.sync and not self._queued and dist.is_initialized() and dist.get_world_size() > 1:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._all_reduce)  # end of this backward
+
+    def _all_reduce(self) -> None:
+        self._queued = False
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for every replicated gradient
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        off = 0
+        for p, g in zip(self.replicated, grads, strict=True):
+            p.grad = flat[off:off + g.numel()].view_as(g).clone()
+            off += g.numel()
+
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         self.module.set_requires_gradient_sync(False)  # type: ignore[operator]
+        self.sync = False
         try:
             yield
         finally:
             self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
+            self.sync = True
 
 
-def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False) -> Sharded:
+def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str | None = None) -> Sharded:
     """``fully_shard`` each block of ``model`` (in place), then the root; returns the loop's handle.
 
-    Must run before the optimizer is built: FSDP2 replaces the parameters by sharded DTensors.
+    ``lora``: ``"sharded"`` (the trainable parameters sharded with their block) or ``"replicated"``
+    (kept whole on every rank); default ``$LORAKIT_FSDP_LORA`` or :data:`LORA_PLACEMENT`. Must run before
+    the optimizer is built: FSDP2 replaces the parameters it shards by DTensors.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    lora = lora or os.environ.get("LORAKIT_FSDP_LORA") or LORA_PLACEMENT
+    if lora not in ("sharded", "replicated"):
+        raise TrainConfigError(f"LORAKIT_FSDP_LORA / fsdp.shard(lora=): 'sharded' or 'replicated', not {lora!r}")
     blocks = find_blocks(model, cfg.fsdp_block)
     if not dist.is_initialized():  # torchrun with one process: FSDP2 still needs a process group
         from lorakit.train.distributed import collective_timeout
 
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", timeout=collective_timeout())
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    kw: dict[str, Any] = {"mesh": mesh}
-    if cfg.fsdp_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
-    else:
-        kw["offload_policy"] = OffloadPolicy()
+    trainable = [p for p in model.parameters() if p.requires_grad] if lora == "replicated" else []
+    kw: dict[str, Any] = {"mesh": mesh, "ignored_params": set(trainable) or None}
+    kw["offload_policy"] = CPUOffloadPolicy() if cfg.fsdp_offload else OffloadPolicy()
     if bf16 and ctx.device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for b in blocks:
         fully_shard(b, **kw)
     fully_shard(model, **kw)
-    return Sharded(model)
+    return Sharded(model, trainable)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -185,20 +221,15 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@contextmanager
-def gathered(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside: every trainable DTensor parameter is its full plain tensor, on every rank (collective).
+_Undo = tuple[list[tuple[nn.Module, str, Any]], list[tuple[nn.Module, Any, Any]]]
 
-    ``lorakit.save_adapter``, ``load_adapter`` (into the existing adapter), ``trainable_state`` and
-    ``load_state_dict`` of the trainable tensors then work as on an unsharded model; the frozen base
-    stays sharded, so no forward may run inside. On exit each rank copies its shard of the (possibly
-    loaded) full values back into the sharded parameters; a parameter added inside is an error.
-    """
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    swapped: list[tuple[nn.Module, str, DTensor]] = []
+def _gather(model: nn.Module) -> _Undo:
+    """Swap every trainable DTensor parameter for its full plain tensor (collective); returns how to undo."""
+    from torch.distributed.tensor import DTensor
+
+    swapped: list[tuple[nn.Module, str, Any]] = []
     hooks: list[tuple[nn.Module, Any, Any]] = []
-    before = {id(m): set(m._parameters) for m in model.modules()}
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.requires_grad and isinstance(p, DTensor):
@@ -210,17 +241,40 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
             if getattr(hook, "__name__", "") == "to_sharded_hook":
                 hooks.append((mod, key, hook))
                 del mod._state_dict_pre_hooks[key]
+    return swapped, hooks
+
+
+def _scatter(undo: _Undo) -> None:
+    """Copy each rank's shard of the (possibly changed) full values back; reinstate the sharded parameters."""
+    from torch.distributed.tensor import distribute_tensor
+
+    swapped, hooks = undo
+    with torch.no_grad():
+        for mod, name, orig in swapped:
+            full = mod._parameters[name]
+            if full is not None and full.shape == orig.shape:
+                orig.copy_(distribute_tensor(full.detach().to(orig.dtype), orig.device_mesh, orig.placements))
+            mod._parameters[name] = orig
+    for mod, key, hook in hooks:
+        mod._state_dict_pre_hooks[key] = hook
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: every trainable DTensor parameter is its full plain tensor, on every rank (collective).
+
+    ``lorakit.save_adapter``, ``load_adapter`` (into the existing adapter), ``trainable_state`` and
+    ``load_state_dict`` of the trainable tensors then work as on an unsharded model; the frozen base
+    stays sharded, so no forward may run inside. On exit each rank copies its shard of the (possibly
+    loaded) full values back into the sharded parameters; a parameter added inside is an error.
+    A no-op for replicated trainables (already plain).
+    """
+    before = {id(m): set(m._parameters) for m in model.modules()}
+    undo = _gather(model)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for mod, name, orig in swapped:
-                full = mod._parameters[name]
-                if full is not None and full.shape == orig.shape:
-                    orig.copy_(distribute_tensor(full.detach().to(orig.dtype), orig.device_mesh, orig.placements))
-                mod._parameters[name] = orig
-        for mod, key, hook in hooks:
-            mod._state_dict_pre_hooks[key] = hook
+        _scatter(undo)
     added = [n for m in model.modules() for n in set(m._parameters) - before.get(id(m), set())]
     if added:
         raise TrainConfigError(
@@ -230,8 +284,8 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def gather_trainables(model: nn.Module) -> None:
-    """Enter :func:`gathered` for good (end of training: rank 0 then saves as from an unsharded model)."""
-    gathered(model).__enter__()
+    """:func:`gathered` without the way back (end of training: rank 0 then saves as from an unsharded model)."""
+    _gather(model)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> None:

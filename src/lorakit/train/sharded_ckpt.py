@@ -3,7 +3,8 @@
 Layout in the run directory::
 
     checkpoint.pt            rank 0, atomic: step, fingerprint, best, RNG states, scheduler, "dcp": name
-    checkpoint-00000050.dcp/ every rank writes its shard of the trainable weights and AdamW state
+    checkpoint-00000050.dcp/ the trainable weights and AdamW state: each rank writes its shards
+                             (LORAKIT_FSDP_LORA=sharded); replicated tensors are written once (DCP dedup)
 
 Commit protocol: the new step's DCP directory is written completely by every rank (``dcp.save``
 ends with a collective that finishes its metadata), then rank 0 atomically replaces ``checkpoint.pt``
