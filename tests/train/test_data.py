@@ -135,23 +135,35 @@ def test_e2e_groups_and_split_by_mr(tmp_path: Path) -> None:
 
 
 class CharTokenizer:
-    """Minimal tokenizer stand-in: one id per character, BOS 1, EOS 2."""
+    """Minimal tokenizer stand-in: one id per character; like Llama's, it adds BOS 1 itself (EOS 2)."""
 
     bos_token_id = 1
+    eos_token_id = 2
     eos_token = "\x02"
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [2 if c == "\x02" else ord(c) for c in text]}
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [2 if c == "\x02" else ord(c) for c in text]
+        return {"input_ids": [1] + ids if add_special_tokens else ids}
 
 
 def test_lm_features_put_loss_on_text_only() -> None:
     feats = encode_lm([MRGroup("n : A", ["hi"])], CharTokenizer(), max_len=64)
     (f,) = feats
-    prompt_len = 1 + len("n : A =>")
-    assert f.input_ids[:prompt_len] == [1] + [ord(c) for c in "n : A =>"]
+    prompt = "n : A\nDescription:"
+    prompt_len = 1 + len(prompt)  # the tokenizer's own BOS is kept
+    assert f.input_ids[:prompt_len] == [1] + [ord(c) for c in prompt]
     assert f.label[:prompt_len] == [IGNORE] * prompt_len  # type: ignore[index]
     assert f.label[prompt_len:] == [ord(" "), ord("h"), ord("i"), 2]  # type: ignore[index]
     assert f.units == 4
+    (g,) = encode_lm([MRGroup("n : A", ["hi"])], SmolLikeCharTokenizer(), max_len=64)
+    assert g.input_ids[: len(prompt)] == [ord(c) for c in prompt]  # bos_token set, but never forced in
+
+
+class SmolLikeCharTokenizer(CharTokenizer):
+    """Has a bos_token (as SmolLM2's <|im_start|>) but, like SmolLM2's tokenizer, never adds it."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return super().__call__(text, add_special_tokens=False)
 
 
 def test_schedule_is_deterministic_and_ranks_partition_the_global_batch() -> None:
