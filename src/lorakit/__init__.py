@@ -42,7 +42,7 @@ from .errors import (
     UnknownAdapterError,
     UnsupportedModuleError,
 )
-from .formats import load_loralib_checkpoint, read_adapter
+from .formats import read_adapter
 from .inject import Plan, inject, lora_layers, plan, register_layer, unwrap
 from .layers import (
     Conv1d,
@@ -57,6 +57,7 @@ from .layers import (
     LoraLayer,
     MergedLinear,
 )
+from .loralib_io import load_loralib_checkpoint
 from .merge import merge, merge_and_unload, unmerge
 from .optim import loraplus_param_groups
 from .state import ParamCount, lora_state_dict, mark_only_lora_as_trainable, trainable_parameters

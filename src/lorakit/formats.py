@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import tokens as _tokens
 from .atomic import atomic_dir
-from .checks import check_finite, require_path, takes_model
+from .checks import check_finite, require_path
 from .config import LoraConfig
 from .errors import (
     AdapterFormatError,
@@ -414,32 +414,3 @@ def _escape(name: str) -> str:
 
 def _any_match(pattern: str, names: Mapping[str, int]) -> bool:
     return any(n == pattern or n.endswith("." + pattern) for n in names)
-
-
-# --- loralib checkpoints --------------------------------------------------------------------------
-@takes_model
-def load_loralib_checkpoint(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
-    """Load ``torch.save(loralib.lora_state_dict(model))`` safely (``weights_only=True``).
-
-    Keys must all exist in the model with the same shapes, and values be finite unless
-    ``allow_nonfinite=True``; nothing is changed otherwise.
-    """
-    path = require_path(path, "load_loralib_checkpoint", "the checkpoint path")
-    if not path.is_file():
-        raise AdapterNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise AdapterFormatError(f"{path}: not a tensors-only torch checkpoint ({e})") from None
-    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise AdapterFormatError(f"{path}: expected a state dict of tensors")
-    if not allow_nonfinite:
-        check_finite(sd, path)
-    own = model.state_dict()
-    problems = [f"{k}: unexpected key" for k in sd if k not in own]
-    problems += [f"{k}: shape {tuple(v.shape)} in the file, the model has {tuple(own[k].shape)}"
-                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if problems:
-        raise AdapterMismatchError(f"{path}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
-    model.load_state_dict(dict(sd), strict=False)
-    return model

@@ -27,6 +27,7 @@ from ..inject import (
     LayerSpec,
 )
 from ..layers import MergedLinear
+from ..loralib_io import load_loralib_checkpoint
 from .manage import _commit, _stage
 from .registry import DEFAULT, _check_known, _check_new_name, _pointed, _refresh, _registry
 
@@ -58,11 +59,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     unless ``allow_nonfinite=True``) before the model is touched; every problem is reported at once.
     ``name`` loads it as a further named adapter (:mod:`lorakit.adapters`) instead of the first,
     "default" one. A ``.pt`` / ``.pth`` file is read as a loralib checkpoint
-    (:func:`lorakit.formats.load_loralib_checkpoint`).
+    (:func:`lorakit.load_loralib_checkpoint`).
     """
     p = require_path(path, "load_adapter", "the adapter path")
     if name is None and p.suffix in (".pt", ".pth") and p.is_file():
-        return formats.load_loralib_checkpoint(model, path, allow_nonfinite=allow_nonfinite)
+        return load_loralib_checkpoint(model, path, allow_nonfinite=allow_nonfinite)
     if name is not None or "_lorakit_registry" in model.__dict__:
         return load_named_adapter(model, path, name=name, allow_nonfinite=allow_nonfinite)
     return formats.load_adapter_dir(model, path, allow_nonfinite=allow_nonfinite)
