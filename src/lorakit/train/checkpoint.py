@@ -49,6 +49,11 @@ def fingerprint(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def check_resumable(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Raise :class:`ResumeError` naming the differing options if ``state`` came from another config."""
     digest, keep = fingerprint(config)
+    require_same_config(state, digest, keep, path)
+
+
+def require_same_config(state: dict[str, Any], digest: str, keep: dict[str, Any], path: Path) -> None:
+    """Raise :class:`ResumeError` listing each option whose value differs, unless the fingerprints agree."""
     if state.get("fingerprint") == digest:
         return
     old = state.get("config", {})

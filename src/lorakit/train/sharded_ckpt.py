@@ -47,15 +47,7 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], global_batch:
             "(resume it without --fsdp, or start over with --overwrite)"
         )
     digest, keep = _fingerprint(config, global_batch)
-    if state.get("fingerprint") == digest:
-        return
-    old = state.get("config", {})
-    diffs = [
-        f"--{k.replace('_', '-')}: checkpoint {old.get(k)!r} vs now {keep.get(k)!r}"
-        for k in sorted(set(old) | set(keep))
-        if old.get(k) != keep.get(k)
-    ]
-    raise ResumeError(f"cannot --resume from {path}: it was written by a different config (" + "; ".join(diffs) + ")")
+    ckpt.require_same_config(state, digest, keep, path)
 
 
 def _state_dicts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
