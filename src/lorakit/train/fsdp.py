@@ -185,6 +185,11 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
 
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", timeout=collective_timeout())
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    from lorakit.train import meta_load
+
+    skeleton = meta_load.is_skeleton(model)  # built on meta: each rank reads its shard after fully_shard
+    if skeleton:
+        meta_load.real_trainables(model)
     trainable = [p for p in model.parameters() if p.requires_grad] if lora == "replicated" else []
     kw: dict[str, Any] = {"mesh": mesh, "ignored_params": set(trainable) or None}
     kw["offload_policy"] = CPUOffloadPolicy() if cfg.fsdp_offload else OffloadPolicy()
@@ -193,6 +198,9 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
     for b in blocks:
         fully_shard(b, **kw)
     fully_shard(model, **kw)
+    if skeleton:  # to_empty gives the replicated trainables new Parameter objects
+        meta_load.materialise(model, torch.device("cpu") if cfg.fsdp_offload else ctx.device)
+        trainable = [p for p in model.parameters() if p.requires_grad] if lora == "replicated" else []
     return Sharded(model, trainable)
 
 

@@ -21,7 +21,7 @@ from lorakit.atomic import output_problem
 from lorakit.optim import loraplus_param_groups
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
-from lorakit.train import fsdp, sharded_ckpt
+from lorakit.train import fsdp, meta_load, sharded_ckpt
 from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import PAPER_METRIC, TaskSpec, eval_digest, get_task, load_task_data, subsample
@@ -85,7 +85,10 @@ class Trainer:
         random.seed(cfg.seed)
         src = resolve(cfg.model)
         self.tokenizer = load_tokenizer(src)
-        self.model = load_model(src, self.spec.kind, self.spec.num_labels)
+        if meta_load.applies(cfg, src):  # --fsdp: parameters on meta; each rank reads its shard in fsdp.shard
+            self.model = meta_load.skeleton(src, self.spec.kind, self.spec.num_labels, self.ctx)
+        else:
+            self.model = load_model(src, self.spec.kind, self.spec.num_labels)
         if cfg.quantize:  # QLoRA: quantize the frozen base before LoRA goes on (lorakit.quant)
             from lorakit.train.models import quantize_for_training
 
@@ -158,7 +161,7 @@ class Trainer:
         """Train, evaluate, save; returns the results (also written to ``results.json`` by rank 0)."""
         c, ctx = self.cfg, self.ctx
         device = ctx.device
-        model = self.model.to(device)
+        model = self.model if meta_load.is_skeleton(self.model) else self.model.to(device)
         model.train()
         if c.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

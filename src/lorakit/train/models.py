@@ -140,10 +140,15 @@ def load_model(src: ModelSource, kind: str, num_labels: int = 2) -> Any:
         forget_gguf_quantization(model)
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
+    set_pad_token_id(model)
+    return model
+
+
+def set_pad_token_id(model: Any) -> None:
+    """Decoder configs without a pad token id get EOS's (batched classification needs one)."""
     if getattr(model.config, "pad_token_id", None) is None:
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    return model
 
 
 def forget_gguf_quantization(model: Any) -> None:
