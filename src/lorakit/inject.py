@@ -245,12 +245,30 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     return model
 
 
+def _refuse_sharded(matches: list[Match]) -> None:
+    """FSDP2 (``fully_shard``) tracks each parameter by its owning module, so a LoRA layer put in that
+    module's place after sharding would get no all-gathered weight (torch: "mixed torch.Tensor and
+    DTensor"): refuse, naming the module, before anything changes."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for m in matches:
+        if any(isinstance(p, DTensor) for p in m.module.parameters(recurse=False)):
+            raise UnsupportedModuleError(
+                f"module {m.name!r} has DTensor parameters (the model was sharded with fully_shard / FSDP2); "
+                "inject LoRA before fully_shard (lorakit.train.fsdp.shard does so), or into an unsharded copy")
+
+
 def build_layers(matches: list[Match]) -> list[tuple[str, LoraLayer]]:
     """The LoRA layers for ``matches`` (not installed), with their spec's variant and init
     (:func:`lorakit.variants.apply_spec`). Every layer is checked first, so a refusal leaves the
     model's weights untouched (PiSSA / OLoRA rewrite W0)."""
     from .variants import apply_spec, check_spec
 
+    _refuse_sharded(matches)
     built = [(m.name, factory_for(m.module)(m.module, m.spec), m.spec) for m in matches]
     for name, layer, s in built:
         check_spec(layer, use_dora=s.use_dora, lora_bias=s.lora_bias, init=s.init, where=name)
