@@ -192,7 +192,9 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
         meta_load.real_trainables(model)
     trainable = [p for p in model.parameters() if p.requires_grad] if lora == "replicated" else []
     kw: dict[str, Any] = {"mesh": mesh, "ignored_params": set(trainable) or None}
-    kw["offload_policy"] = CPUOffloadPolicy() if cfg.fsdp_offload else OffloadPolicy()
+    # pinned host memory needs an accelerator; on a CPU-only run offloading is a no-op kept for parity
+    pin = ctx.device.type != "cpu"
+    kw["offload_policy"] = CPUOffloadPolicy(pin_memory=pin) if cfg.fsdp_offload else OffloadPolicy()
     if bf16 and ctx.device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for b in blocks:

@@ -1,0 +1,151 @@
+"""``--fsdp`` composed with gradient accumulation, gradient checkpointing and ``--fsdp-offload``, the
+multi-node launch form (two torchrun agents, ``--nnodes 2``, c10d rendezvous on 127.0.0.1) and
+meta-device loading (each rank materialises only its shard).
+
+Reference: a plain 1-process run without FSDP on the same global batch (8) and seed; the 2-rank runs
+must reproduce its loss at every step (``LOSS_REL``, measured <= 1e-7 in test_fsdp.py) and its adapter.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from .conftest import cli_env, run_cli, tiny_train_args, train_losses
+from .test_fsdp import ENV, LOSS_REL, assert_same_adapter, torchrun
+
+SHORT = {"max_train_examples": 48, "max_eval_examples": 8, "max_steps": 6, "save_every": 100}
+
+
+@pytest.fixture(scope="module")
+def short_reference(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path,
+                    sentiment_files: tuple[Path, Path]) -> Path:
+    out = tmp_path_factory.mktemp("fsdp_compose") / "single"
+    res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **SHORT, batch_size=8, output_dir=out), env=ENV)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", [
+    {"batch_size": 2, "grad_accum": 2},  # 2 ranks x 2 x 2 micro-batches = 8
+    {"batch_size": 4, "gradient_checkpointing": True},
+    {"batch_size": 4, "fsdp_offload": True},
+], ids=["grad-accum", "gradient-checkpointing", "offload"])
+def test_fsdp_composes(combo: dict, tmp_path: Path, short_reference: Path, tiny_bert: Path,
+                       sentiment_files: tuple[Path, Path]) -> None:
+    out = tmp_path / "run"
+    res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **SHORT, **combo, fsdp=True, output_dir=out),
+                  launcher=torchrun(2), env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = train_losses(short_reference), train_losses(out)
+    assert len(a) == len(b) == SHORT["max_steps"]
+    assert b == pytest.approx(a, rel=LOSS_REL)
+    assert_same_adapter(short_reference, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost(tmp_path: Path, short_reference: Path, tiny_bert: Path,
+                                sentiment_files: tuple[Path, Path]) -> None:
+    """``torchrun --nnodes 2 --nproc_per_node 1`` twice (node 0 hosts the c10d store): one 2-rank run."""
+    out = tmp_path / "nodes"
+    exe = torchrun(1)[0]
+    args = tiny_train_args(tiny_bert, sentiment_files, **SHORT, batch_size=4, fsdp=True, output_dir=out)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    try:
+        for node in (0, 1):
+            cmd = [exe, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node), "--max-restarts", "0",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "lorakit-test",
+                   "--rdzv-conf", f"is_host={int(node == 0)},join_timeout=60,read_timeout=60",
+                   "-m", "lorakit", *args]
+            procs.append(subprocess.Popen(cmd, env=cli_env(**ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          text=True))
+        errs = [p.communicate(timeout=150)[1] for p in procs]
+    finally:
+        for p in procs:  # bounded and self-stopping: nothing outlives the test
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-1500:] for e in errs)
+    assert train_losses(out) == pytest.approx(train_losses(short_reference), rel=LOSS_REL)
+    assert_same_adapter(short_reference, out)
+
+
+# --- meta-device loading: in-process against the full load -----------------------------------------
+def _tiny_llama_dir(path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["classification", "generation"])
+def test_meta_skeleton_equals_full_load(tmp_path: Path, kind: str) -> None:
+    """Skeleton + LoRA + materialise == ``load_model`` + LoRA, bit for bit: the base from the file, the
+    classifier head the checkpoint lacks (initialised with the same RNG draws) and the LoRA init."""
+    import torch
+
+    from lorakit.train import meta_load
+    from lorakit.train.methods import apply_method
+    from lorakit.train.models import ModelSource, load_model
+
+    src = ModelSource(_tiny_llama_dir(tmp_path / "llama"))
+    torch.manual_seed(3)
+    ref = load_model(src, kind, 2)
+    apply_method(ref, "lora", r=4, targets=["q_proj", "v_proj"])
+    torch.manual_seed(3)
+    sk = meta_load.skeleton(src, kind, 2, SimpleNamespace(local_rank=0, rank=0))
+    assert meta_load.is_skeleton(sk)
+    assert sk.model.layers[0].self_attn.k_proj.weight.is_meta
+    apply_method(sk, "lora", r=4, targets=["q_proj", "v_proj"])
+    meta_load.real_trainables(sk)
+    meta_load.materialise(sk, torch.device("cpu"))
+    a, b = ref.state_dict(), sk.state_dict()
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert all(torch.equal(x, y) for x, y in zip(ref.buffers(), sk.buffers(), strict=True))  # rotary inv_freq
+    if kind == "classification":
+        assert "score.weight" in a  # absent from the file: initialised, not loaded
+
+
+def test_meta_skeleton_refuses_a_wrong_shape(tmp_path: Path) -> None:
+    import json
+
+    from lorakit.errors import LoraError
+    from lorakit.train import meta_load
+    from lorakit.train.errors import ModelLoadError
+    from lorakit.train.models import ModelSource
+
+    d = _tiny_llama_dir(tmp_path / "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    with pytest.raises(ModelLoadError, match=r"mlp\.(gate|up|down)_proj\.weight.*shape") as err:
+        meta_load.skeleton(ModelSource(d), "generation", 2, SimpleNamespace(local_rank=0, rank=0))
+    assert isinstance(err.value, LoraError)
+
+
+def test_meta_loading_applies_only_where_it_can() -> None:
+    from lorakit.train.meta_load import applies
+    from lorakit.train.models import ModelSource
+
+    here = ModelSource(Path(sys.prefix))  # no safetensors there
+    gguf = ModelSource(Path("."), "x.gguf")
+    cfg = SimpleNamespace(fsdp=True, quantize=None)
+    assert applies(cfg, gguf) and not applies(cfg, here)
+    assert not applies(SimpleNamespace(fsdp=False, quantize=None), gguf)
+    assert not applies(SimpleNamespace(fsdp=True, quantize="nf4"), gguf)
