@@ -19,6 +19,7 @@ import torch
 
 from lorakit.atomic import atomic_write
 from lorakit.checks import check_finite
+from lorakit.train import distributed as dd
 from lorakit.train.errors import ResumeError
 
 CHECKPOINT = "checkpoint.pt"
@@ -67,6 +68,49 @@ def require_same_config(state: dict[str, Any], digest: str, keep: dict[str, Any]
         + ("; ".join(diffs) or "unknown difference")
         + ")"
     )
+
+
+def run_position(
+    step: int, best: dict[str, Any], config_key: tuple[str, dict[str, Any]], rngs: list[Any], sched: Any
+) -> dict[str, Any]:
+    """What every checkpoint (plain or DCP) records besides the weights: the step, the config it
+    belongs to (``config_key``: :func:`fingerprint`'s pair), the best eval, each rank's RNG, the schedule."""
+    digest, keep = config_key
+    return {
+        "step": step,
+        "fingerprint": digest,
+        "config": keep,
+        "best": best,
+        "rng": rngs,
+        "scheduler": sched.state_dict(),
+    }
+
+
+def save(
+    run_dir: Path, step: int, best: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
+    sched: Any, config: dict[str, Any], ctx: dd.DistContext,
+) -> None:
+    """Write ``checkpoint.pt`` (rank 0: trainable weights, AdamW state, position). Collective."""
+    rngs = dd.gather_objects(ctx, rng_state())
+    if ctx.is_main:
+        atomic_save(
+            {
+                **run_position(step, best, fingerprint(config), rngs, sched),
+                "trainable": trainable_state(model),
+                "optimizer": opt.state_dict(),
+            },
+            run_dir / CHECKPOINT,
+        )
+    dd.barrier(ctx)
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            rank: int) -> None:
+    """Put a loaded ``checkpoint.pt`` back: weights, AdamW state, schedule and this rank's RNG."""
+    load_trainable_state(model, state["trainable"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][rank])
 
 
 def load(path: Path) -> dict[str, Any]:

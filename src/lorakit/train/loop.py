@@ -18,30 +18,20 @@ from typing import Any
 import torch
 
 from lorakit.atomic import output_problem
-from lorakit.optim import loraplus_param_groups
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
 from lorakit.train import fsdp, meta_load, sharded_ckpt
 from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import PAPER_METRIC, TaskSpec, eval_digest, get_task, load_task_data, subsample
+from lorakit.train.data import TaskSpec, eval_digest, get_task, load_task_data, subsample
 from lorakit.train.errors import DataError, TrainConfigError
-from lorakit.train.evaluate import autocast, decoding, evaluate, loss_sum, model_inputs, score_e2e
-from lorakit.train.memory import PhasePeaks, peak_rss_mb
-from lorakit.train.methods import apply_method, save_result
+from lorakit.train.evaluate import autocast, evaluate, loss_sum, model_inputs
+from lorakit.train.finish import finish_run
+from lorakit.train.memory import PhasePeaks
+from lorakit.train.methods import apply_method
 from lorakit.train.models import load_model, load_tokenizer, resolve
-from lorakit.train.runlog import MetricsLog, plot_loss
-
-
-def linear_schedule(warmup: int, total: int) -> Any:
-    """Multiplier of the peak LR: linear ramp over ``warmup`` steps, then linear decay to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
+from lorakit.train.optimization import build_optimizer, schedule_length
+from lorakit.train.runlog import MetricsLog
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -54,14 +44,6 @@ def better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True
     return new < old if metric == "loss" else new > old
-
-
-def peak_memory_mb(device: torch.device, peaks: PhasePeaks | None = None) -> dict[str, float]:
-    """Peak RSS overall and (with ``peaks``) of the train steps and of eval / generation separately."""
-    out = peaks.report() if peaks is not None else {"peak_rss_mb": peak_rss_mb()}
-    if device.type == "cuda":
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
 
 
 class Trainer:
@@ -169,18 +151,9 @@ class Trainer:
         bf16 = use_bf16(c.precision, device)
         # FSDP2 replaces the parameters by sharded DTensors, so it shards before the optimizer sees them.
         sharded = fsdp.shard(model, c, ctx, bf16=bf16) if c.fsdp else None
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        if c.loraplus_ratio is not None:  # LoRA+: B at lr * ratio (PEFT's groups)
-            groups = loraplus_param_groups(model, c.resolved_lr(), c.loraplus_ratio, weight_decay=c.weight_decay)
-        else:
-            groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=c.resolved_lr())
         spe = self.schedule.steps_per_epoch
-        total = c.max_steps or max(1, math.ceil(c.epochs * spe))
-        warmup = c.warmup_steps if c.warmup_steps is not None else round(c.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, total))
+        total, warmup = schedule_length(c, spe)
+        params, opt, sched = build_optimizer(model, c, total, warmup)
         wrapped: Any = sharded or model
         if ctx.enabled and sharded is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -193,10 +166,7 @@ class Trainer:
             if c.fsdp:
                 sharded_ckpt.restore(self.run_dir, st, model, opt, sched, ctx)
             else:
-                ckpt.load_trainable_state(model, st["trainable"])
-                opt.load_state_dict(st["optimizer"])
-                sched.load_state_dict(st["scheduler"])
-                ckpt.set_rng_state(st["rng"][ctx.rank])
+                ckpt.restore(st, model, opt, sched, ctx.rank)
             step, best = st["step"], st["best"]
             self.log.reset(keep_until_step=step)
         else:
@@ -291,7 +261,7 @@ class Trainer:
             bar.close()
         train_time = time.perf_counter() - t0
         final = self._eval_and_keep_best(step, best, bf16)
-        results = self._finish(final, best, train_time, step, step - start_step, bf16)
+        results = finish_run(self, final, best, train_time, step, step - start_step, bf16)
         dd.barrier(ctx)
         dd.teardown(ctx)
         return results
@@ -330,102 +300,7 @@ class Trainer:
             sharded_ckpt.save(self.run_dir, step, best, self.model, opt, sched, self.config_dict,
                               self.schedule.global_batch, self.ctx)
             return
-        rngs = dd.gather_objects(self.ctx, ckpt.rng_state())
-        if self.ctx.is_main:
-            digest, keep = ckpt.fingerprint(self.config_dict)
-            ckpt.atomic_save(
-                {
-                    "step": step,
-                    "fingerprint": digest,
-                    "config": keep,
-                    "best": best,
-                    "rng": rngs,
-                    "trainable": ckpt.trainable_state(self.model),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                },
-                self.run_dir / ckpt.CHECKPOINT,
-            )
-        dd.barrier(self.ctx)
-
-    def _finish(
-        self,
-        final: dict[str, float],
-        best: dict[str, Any],
-        train_time: float,
-        step: int,
-        steps_run: int,
-        bf16: bool,
-    ) -> dict[str, Any]:
-        c, ctx = self.cfg, self.ctx
-        results: dict[str, Any] = {}
-        if c.fsdp:  # every rank gathers the (small) trainable tensors; rank 0 then saves as unsharded
-            fsdp.gather_trainables(self.model)
-        if ctx.is_main:
-            meta = {
-                "task": self.spec.name,
-                "model": c.model,
-                "method": c.method,
-                "num_labels": self.spec.num_labels,
-                "kind": self.spec.kind,
-                "seed": c.seed,
-                "max_len": c.max_len,
-            }
-            saved = save_result(self.model, self.tokenizer, c.method, self.run_dir, meta)
-            gen: dict[str, float] = {}
-            if self.spec.kind == "generation":
-                groups = self.eval_raw[: c.gen_max_mrs] if c.gen_max_mrs else self.eval_raw
-                with self.peaks.phase("eval"):
-                    gen, hyps = score_e2e(
-                        self.model,
-                        self.tokenizer,
-                        groups,
-                        **decoding(c),
-                        device=ctx.device,
-                        bf16=bf16,
-                        progress=c.progress,
-                    )
-                (self.run_dir / "generations.txt").write_text(
-                    "".join(h + "\n" for h in hyps), encoding="utf-8"
-                )
-                final = {**final, **gen}
-                self.log.append({"split": "generate", "step": step, **gen})
-            best_path = None
-            if best.get("step") not in (None, step) and (self.run_dir / ckpt.BEST).is_file():
-                state = ckpt.load(self.run_dir / ckpt.BEST)
-                current = ckpt.trainable_state(self.model)
-                ckpt.load_trainable_state(self.model, state["trainable"])
-                best_path = save_result(self.model, self.tokenizer, c.method, self.run_dir / "best", meta)
-                ckpt.load_trainable_state(self.model, current)
-            results = {
-                "task": self.spec.name,
-                "method": c.method,
-                "model": c.model,
-                "final": final,
-                "best": {"step": best.get("step"), **(best.get("metrics") or {})},
-                "metric": self.spec.metric,
-                "paper_metric": {PAPER_METRIC[self.spec.name]: final.get(PAPER_METRIC[self.spec.name])},
-                "n_eval": len(self.eval_raw),
-                "trainable_params": self.method_info["trainable_params"],
-                "total_params": self.method_info["total_params"],
-                "trainable_fraction": self.method_info["trainable_fraction"],
-                "train_time_s": train_time,
-                "steps_run": steps_run,
-                "world_size": ctx.world_size,
-                "saved": str(saved),
-                "saved_best": str(best_path) if best_path else None,
-                **peak_memory_mb(ctx.device, self.peaks),
-            }
-            ckpt.atomic_json(results, self.run_dir / "results.json")
-            plot_loss(
-                self.log.records(),
-                self.run_dir / "loss.png",
-                None if self.spec.kind == "generation" else self.spec.metric,
-            )
-            (self.run_dir / ckpt.CHECKPOINT).unlink(missing_ok=True)
-            if c.fsdp:
-                sharded_ckpt.cleanup(self.run_dir)
-        return results
+        ckpt.save(self.run_dir, step, best, self.model, opt, sched, self.config_dict, self.ctx)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

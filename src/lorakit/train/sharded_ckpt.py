@@ -79,20 +79,8 @@ def save(
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(target))
     rngs = dd.gather_objects(ctx, ckpt.rng_state())
     if ctx.is_main:
-        digest, keep = _fingerprint(config, global_batch)
-        ckpt.atomic_save(
-            {
-                "step": step,
-                "fingerprint": digest,
-                "config": keep,
-                "best": best,
-                "rng": rngs,
-                "scheduler": sched.state_dict(),
-                "dcp": name,
-                "world_size": ctx.world_size,
-            },
-            run_dir / ckpt.CHECKPOINT,
-        )
+        position = ckpt.run_position(step, best, _fingerprint(config, global_batch), rngs, sched)
+        ckpt.atomic_save({**position, "dcp": name, "world_size": ctx.world_size}, run_dir / ckpt.CHECKPOINT)
         for old in run_dir.glob("checkpoint-*.dcp"):  # the previous step's, and any torn one
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)

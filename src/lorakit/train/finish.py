@@ -1,0 +1,103 @@
+"""What a finished ``lorakit train`` run leaves behind: the final adapter (and the best step's, when
+that is an earlier one), E2E generations, ``results.json`` with per-phase peak memory, the loss plot;
+then the resumable checkpoint is removed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lorakit.train import checkpoint as ckpt
+from lorakit.train import fsdp, sharded_ckpt
+from lorakit.train.data import PAPER_METRIC
+from lorakit.train.evaluate import decoding, score_e2e
+from lorakit.train.memory import PhasePeaks, peak_rss_mb
+from lorakit.train.methods import save_result
+from lorakit.train.runlog import plot_loss
+
+if TYPE_CHECKING:
+    from lorakit.train.loop import Trainer
+
+
+def peak_memory_mb(device: torch.device, peaks: PhasePeaks | None = None) -> dict[str, float]:
+    """Peak RSS overall and (with ``peaks``) of the train steps and of eval / generation separately."""
+    out = peaks.report() if peaks is not None else {"peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def finish_run(
+    t: Trainer,
+    final: dict[str, float],
+    best: dict[str, Any],
+    train_time: float,
+    step: int,
+    steps_run: int,
+    bf16: bool,
+) -> dict[str, Any]:
+    """Save and score the trained model (rank 0); returns the results (empty on other ranks)."""
+    c, ctx = t.cfg, t.ctx
+    results: dict[str, Any] = {}
+    if c.fsdp:  # every rank gathers the (small) trainable tensors; rank 0 then saves as unsharded
+        fsdp.gather_trainables(t.model)
+    if not ctx.is_main:
+        return results
+    meta = {
+        "task": t.spec.name,
+        "model": c.model,
+        "method": c.method,
+        "num_labels": t.spec.num_labels,
+        "kind": t.spec.kind,
+        "seed": c.seed,
+        "max_len": c.max_len,
+    }
+    saved = save_result(t.model, t.tokenizer, c.method, t.run_dir, meta)
+    if t.spec.kind == "generation":
+        groups = t.eval_raw[: c.gen_max_mrs] if c.gen_max_mrs else t.eval_raw
+        with t.peaks.phase("eval"):
+            gen, hyps = score_e2e(
+                t.model,
+                t.tokenizer,
+                groups,
+                **decoding(c),
+                device=ctx.device,
+                bf16=bf16,
+                progress=c.progress,
+            )
+        (t.run_dir / "generations.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        final = {**final, **gen}
+        t.log.append({"split": "generate", "step": step, **gen})
+    best_path = None
+    if best.get("step") not in (None, step) and (t.run_dir / ckpt.BEST).is_file():
+        state = ckpt.load(t.run_dir / ckpt.BEST)
+        current = ckpt.trainable_state(t.model)
+        ckpt.load_trainable_state(t.model, state["trainable"])
+        best_path = save_result(t.model, t.tokenizer, c.method, t.run_dir / "best", meta)
+        ckpt.load_trainable_state(t.model, current)
+    results = {
+        "task": t.spec.name,
+        "method": c.method,
+        "model": c.model,
+        "final": final,
+        "best": {"step": best.get("step"), **(best.get("metrics") or {})},
+        "metric": t.spec.metric,
+        "paper_metric": {PAPER_METRIC[t.spec.name]: final.get(PAPER_METRIC[t.spec.name])},
+        "n_eval": len(t.eval_raw),
+        "trainable_params": t.method_info["trainable_params"],
+        "total_params": t.method_info["total_params"],
+        "trainable_fraction": t.method_info["trainable_fraction"],
+        "train_time_s": train_time,
+        "steps_run": steps_run,
+        "world_size": ctx.world_size,
+        "saved": str(saved),
+        "saved_best": str(best_path) if best_path else None,
+        **peak_memory_mb(ctx.device, t.peaks),
+    }
+    ckpt.atomic_json(results, t.run_dir / "results.json")
+    plot_loss(t.log.records(), t.run_dir / "loss.png", None if t.spec.kind == "generation" else t.spec.metric)
+    (t.run_dir / ckpt.CHECKPOINT).unlink(missing_ok=True)
+    if c.fsdp:
+        sharded_ckpt.cleanup(t.run_dir)
+    return results
