@@ -32,7 +32,7 @@ def _rows(task: str) -> list[dict]:
 def test_there_are_recipes_for_each_paper_table() -> None:
     names = {p.stem for p in RECIPES}
     assert {"sst2-lora-paper", "mrpc-lora-paper", "cola-lora-paper", "rte-lora-paper", "stsb-lora-paper"} <= names
-    assert {"e2e-lora-paper", "sst2-full-1epoch", "e2e-lora-1epoch-greedy"} <= names
+    assert {"e2e-lora-paper", "sst2-full-1epoch", "e2e-lora-1epoch-greedy", "sst2-lora-all-linear-1epoch"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
