@@ -47,7 +47,7 @@ _PEFT_UNSUPPORTED = {
     "megatron_config", "megatron_core",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
-    "monteclora_config", "layer_replication", "runtime_config", "target_parameters",
+    "monteclora_config", "layer_replication", "runtime_config",
     "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
 }
 _OFF_VALUES = (None, False, {}, [], "megatron.core", 16, {"ephemeral_gpu_offload": False})
@@ -93,6 +93,10 @@ class LoraConfig:
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``), a string or a list of them.
         trainable_tokens: embedding rows to train (PEFT's ``trainable_token_indices``): a list for the
             input embedding, or ``{module name: [indices]}`` (:mod:`lorakit.tokens`).
+        target_parameters: bare 2-D / 3-D parameters to adapt (PEFT's field: full names or dotted
+            suffixes, ``["experts.gate_up_proj"]``): Mixture-of-Experts weights stored as one tensor
+            (:mod:`lorakit.layers.param`). Given without ``targets``, no module is targeted. As in PEFT,
+            not with dropout > 0, DoRA, LoRA bias or a weight-rewriting init.
     """
 
     r: int = 8
@@ -112,6 +116,7 @@ class LoraConfig:
     layers_to_transform: int | tuple[int, ...] | None = None
     layers_pattern: str | tuple[str, ...] | None = None
     trainable_tokens: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -126,6 +131,10 @@ class LoraConfig:
         else:
             set_(self, "exclude", tuple(self.exclude))
         set_(self, "trainable", tuple(self.trainable or ()))
+        tp = self.target_parameters
+        if isinstance(tp, str) or not isinstance(tp, Sequence | None):
+            raise LoraConfigError(f"target_parameters: expected a list of parameter names, got {tp!r}")
+        set_(self, "target_parameters", tuple(tp or ()))
         set_(self, "rank_pattern", dict(self.rank_pattern or {}))
         set_(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         set_(self, "fused", {k: tuple(bool(b) for b in v) for k, v in (self.fused or {}).items()})
@@ -151,8 +160,10 @@ class LoraConfig:
         check_rank(self.r, "r")
         check_alpha(self.alpha, "alpha")
         check_dropout(self.dropout, "dropout")
-        if not self.targets:
-            raise LoraConfigError("targets: empty; name at least one module, a regex, or 'all-linear'")
+        if not self.targets and not self.target_parameters:
+            raise LoraConfigError("targets: empty; name at least one module, a regex, or 'all-linear' "
+                                  "(or parameters in target_parameters)")
+        self._check_target_parameters()
         if isinstance(self.targets, tuple):
             for t in self.targets:
                 if not isinstance(t, str) or not t:
@@ -192,6 +203,21 @@ class LoraConfig:
             if not v or not any(v):
                 raise LoraConfigError(f"fused[{k!r}]: needs at least one True slice, got {list(v)}")
 
+    def _check_target_parameters(self) -> None:
+        """PEFT's limits for parameter targets (its ParamWrapper refuses the same, for the whole config)."""
+        for t in self.target_parameters:
+            if not isinstance(t, str) or not t:
+                raise LoraConfigError(f"target_parameters: every entry must be a non-empty string, got {t!r}")
+        if not self.target_parameters:
+            return
+        refused = {"dropout": self.dropout > 0, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
+                   "init": self.init not in ("kaiming", "gaussian", "random")}
+        bad = [k for k, v in refused.items() if v]
+        if bad:
+            raise LoraConfigError(f"{bad[0]}={getattr(self, bad[0])!r} with target_parameters: LoRA on a bare "
+                                  "parameter is a weight update, so it takes no dropout, DoRA, LoRA bias or "
+                                  "pissa/olora init (PEFT refuses these too)")
+
     # --- alias-aware construction -------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
@@ -216,6 +242,8 @@ class LoraConfig:
         if unknown:
             valid = sorted(names | set(ALIASES) | _PEFT_METADATA)
             raise LoraConfigError(f"unknown config field(s) {unknown}; valid fields: {valid}")
+        if kw.get("targets") is None and "targets" in kw and kw.get("target_parameters"):
+            kw["targets"] = ()  # PEFT: parameters only
         if kw.get("targets") is None and "targets" in kw:
             raise LoraConfigError("targets/target_modules: missing (null); name the modules to adapt")
         return cls(**kw)
@@ -225,6 +253,7 @@ class LoraConfig:
         d["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
         d["exclude"] = self.exclude if isinstance(self.exclude, str) else list(self.exclude)
         d["trainable"] = list(self.trainable)
+        d["target_parameters"] = list(self.target_parameters)
         d["fused"] = {k: list(v) for k, v in self.fused.items()}
         tt = self.trainable_tokens
         d["trainable_tokens"] = {k: list(v) for k, v in tt.items()} if isinstance(tt, Mapping) else _listed(tt)
@@ -263,6 +292,7 @@ class LoraConfig:
             "layers_to_transform": _listed(self.layers_to_transform),
             "layers_pattern": _listed(self.layers_pattern),
             "trainable_token_indices": self.to_dict()["trainable_tokens"],
+            "target_parameters": list(self.target_parameters) or None,
         }
 
     # --- per-module resolution -----------------------------------------------------------------
@@ -297,6 +327,8 @@ def _init_with_aliases(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
             if key in kwargs:
                 raise LoraConfigError(f"field {key!r} given twice (as {alias!r} and {key!r})")
             kwargs[key] = kwargs.pop(alias)
+    if kwargs.get("target_parameters") and "targets" not in kwargs and len(args) < 4:
+        kwargs["targets"] = ()  # parameters only (PEFT users write target_modules=[] for this)
     try:
         _dataclass_init(self, *args, **kwargs)
     except TypeError as e:

@@ -23,6 +23,10 @@ class UnsupportedModuleError(LoraError, TypeError):
     """A matched module has a type lorakit cannot adapt."""
 
 
+class UnsupportedParameterError(UnsupportedModuleError):
+    """A ``target_parameters`` entry names a parameter LoRA cannot adapt (not 2-D / 3-D floating point)."""
+
+
 class AlreadyInjectedError(LoraError, ValueError):
     """LoRA was asked to wrap a module that is already a LoRA layer."""
 

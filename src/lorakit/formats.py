@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import param_targets as _params
 from . import tokens as _tokens
 from .atomic import atomic_dir
 from .checks import check_finite, require_path
@@ -72,6 +73,9 @@ def peft_tensors(layer: LoraLayer) -> dict[str, Tensor]:
 def _peft_name(model: nn.Module, name: str) -> str:
     """PEFT's module path: an adapted MultiheadAttention's out_proj sits under its ``base_layer``."""
     parent, _, child = name.rpartition(".")
+    layer = model.get_submodule(name)
+    if isinstance(layer, _params.LoraParameter):  # target_parameters: PEFT nests one wrapper per parameter
+        return _params.layer_peft_path(name, layer)
     if child == "out_proj" and isinstance(model.get_submodule(parent), LoraMultiheadAttention):
         return f"{parent}.base_layer.out_proj"
     return name
@@ -111,26 +115,29 @@ def _to_layer_layout(layer: LoraLayer, key: str, t: Tensor) -> Tensor:
 def adapter_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and PEFT config fields that :func:`save_adapter` writes."""
     tensors: dict[str, Tensor] = {}
-    ranks, alphas, names, fifo = {}, {}, [], False
+    ranks, alphas, names, fifo, params = {}, {}, [], False, []
     for name, layer in lora_layers(model):
         if not layer.has_lora:
             continue
         pname = _peft_name(model, name)
-        if pname == name:  # an MHA's out_proj is adapted by targeting the MHA, as in PEFT
+        pkey = _params.param_key(layer, name)  # target_parameters: rank/alpha patterns use the parameter's name
+        if pkey is not None:
+            params.append(pkey)
+        elif pname == name:  # an MHA's out_proj is adapted by targeting the MHA, as in PEFT
             names.append(name)
         fifo = fifo or bool(getattr(layer, "fan_in_fan_out", False))
         for suffix, t in peft_tensors(layer).items():
             tensors[f"{PREFIX}{pname}.{suffix}"] = t.contiguous()
         a_key = "lora_embedding_A" if isinstance(layer, Embedding) else "lora_A.weight"
-        r_file = tensors[f"{PREFIX}{pname}.{a_key}"].shape[0]
+        r_file = layer.r if pkey else tensors[f"{PREFIX}{pname}.{a_key}"].shape[0]  # a parameter's A: r * experts
         alpha = layer.lora_alpha * (r_file / layer.r if not layer.use_rslora else math.sqrt(r_file / layer.r))
         if r_file != config.r:
-            ranks[name] = r_file
+            ranks[pkey or name] = r_file
         if alpha != config.alpha:
-            alphas[name] = alpha
+            alphas[pkey or name] = alpha
         if config.bias == "lora_only" and layer._bias_param() is not None:
             tensors[f"{PREFIX}{name}.base_layer.bias"] = layer._bias_param().detach()
-    if not names:
+    if not names and not params:
         raise LoraError("the model has no LoRA layers to save; call lorakit.inject(model, config) first")
     sd = model.state_dict()
     if config.bias == "all":
@@ -152,6 +159,7 @@ def adapter_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, Tenso
     peft = config.to_peft_dict(fan_in_fan_out=fifo, ranks=ranks)
     peft["trainable_token_indices"] = token_idx or None
     peft["target_modules"] = names  # explicit names: PEFT then adapts exactly what we did
+    peft["target_parameters"] = params or None
     peft["exclude_modules"] = None
     peft["alpha_pattern"] = alphas
     return tensors, peft
@@ -269,6 +277,8 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
     unexpected keys, finite values unless ``allow_nonfinite``) before the model is touched; every
     problem is reported at once. Named adapters and loralib ``.pt`` files: :func:`lorakit.load_adapter`."""
     config, tensors = read_adapter(path, allow_nonfinite=allow_nonfinite)
+    problems: list[str] = []
+    params = _params.take_from_file(model, config, tensors, PREFIX, problems)  # pops target_parameters' keys
     token_rows = {_split_key(k)[0].removesuffix("." + _tokens.PEFT_SUFFIX): tensors.pop(k)
                   for k in [k for k in tensors if k.endswith(_tokens.PEFT_SUFFIX)]}
     per_module: dict[str, dict[str, Tensor]] = {}
@@ -279,11 +289,10 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
             per_module.setdefault(mod, {})[kind] = t
         else:
             extras[mod] = t
-    if not per_module:
+    if not per_module and not params and not problems:
         raise AdapterFormatError(f"{path}: holds no LoRA tensors (keys like {PREFIX}<module>.lora_A.weight)")
     existing = dict(lora_layers(model))
     new_layers: dict[str, LoraLayer] = {}
-    problems: list[str] = []
     to_inject = [m for m in per_module if m not in existing]
     if to_inject:
         ranks = {}
@@ -340,11 +349,12 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
     if problems:
         raise AdapterMismatchError(f"{path}: adapter does not fit the model:\n  " + "\n  ".join(problems))
     # --- all checks passed: now change the model -------------------------------------------------
-    if new_layers:
+    if new_layers or params:
         if not hasattr(model, "_lorakit_requires_grad"):
             model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for name, layer in new_layers.items():
             _set_module(model, name, layer)
+    _params.copy_loaded(params)
     with torch.no_grad():
         for m, ts in per_module.items():
             layer = layers[m]
@@ -372,7 +382,7 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
     configs = dict(getattr(model, "_lorakit_configs", {}))
     configs.setdefault("default", config)
     model._lorakit_configs = configs
-    if new_layers:
+    if new_layers or any(is_new for _, is_new, _, _ in params.values()):
         apply_trainable(model, config)
     from .quant import records as QR
 

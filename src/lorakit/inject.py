@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import param_targets as _params
 from . import tokens as _tokens
 from .checks import require_config, takes_model
 from .config import ALL_LINEAR, LoraConfig
@@ -215,9 +216,12 @@ def _check_coverage(config: LoraConfig, names: list[str], found: list[Match], hi
 
 
 # --- inject / unwrap ---------------------------------------------------------------------------
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def _set_module(model: nn.Module, name: str, new: nn.Module | None) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if new is None:  # a LoraParameter's to_plain: it removed itself, nothing takes its place
+        parent._modules.pop(child, None)
+        return
     setattr(parent, child, new)
 
 
@@ -231,12 +235,15 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     require_config(config, "inject")
     matches = resolve(model, config)
+    pmatches = _params.resolve_parameters(model, config, tuple(m.name for m in matches))  # target_parameters
     tokens = _tokens.resolve_tokens(model, config.trainable_tokens)  # validated before any change
     built = build_layers(matches)  # every layer checked before a weight-rewriting init runs
+    pbuilt = _params.build(pmatches, config)
     if not hasattr(model, "_lorakit_requires_grad"):
         model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for name, layer in built:
         _set_module(model, name, layer)
+    _params.install(pbuilt)
     _tokens.apply(model, tokens)
     configs = dict(getattr(model, "_lorakit_configs", {}))
     configs["default"] = config
@@ -365,6 +372,11 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
     require_config(config, "plan")
     matches = resolve(model, config)
     out = Plan(total_params=sum(p.numel() for p in model.parameters()))
+    for pm in _params.resolve_parameters(model, config, tuple(m.name for m in matches)):  # target_parameters
+        shape = tuple(pm.owner._parameters[pm.param_name].shape)
+        n = pm.r * (shape[0] if len(shape) == 3 else 1) * (shape[-1] + shape[-2])
+        out.rows.append(PlanRow(pm.key, "Parameter", shape, pm.r, pm.alpha, n))
+        out.lora_params += n
     for m in matches:
         if isinstance(m.module, nn.MultiheadAttention):  # in_proj (3E, E) and out_proj (E, E)
             e = m.module.embed_dim

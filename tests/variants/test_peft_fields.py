@@ -21,7 +21,7 @@ _ON = {
     "eva_config": {"rho": 2.0}, "corda_config": {"x": 1}, "lora_ga_config": {"x": 1}, "velora_config": {"x": 1},
     "alora_invocation_tokens": [1, 2], "use_qalora": True, "qalora_group_size": 32, "monteclora_config": {"x": 1},
     "layer_replication": [[0, 1]], "runtime_config": {"ephemeral_gpu_offload": True},
-    "target_parameters": ["experts.gate_up_proj"], "use_bdlora": {"x": 1}, "arrow_config": {"x": 1},
+    "use_bdlora": {"x": 1}, "arrow_config": {"x": 1},
     "kasa_config": {"x": 1}, "ensure_weight_tying": True,
 }
 #: fields lorakit implements (value -> accepted), checked by the other variant tests.
@@ -29,7 +29,7 @@ _WORKS = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["0"],
           "bias": "all", "use_rslora": True, "modules_to_save": ["1"], "init_lora_weights": "gaussian",
           "rank_pattern": {"0": 2}, "alpha_pattern": {"0": 3}, "use_dora": True, "lora_bias": False,
           "fan_in_fan_out": False, "layers_to_transform": [0], "layers_pattern": None,
-          "trainable_token_indices": {"embed_tokens": [0, 1]}}
+          "trainable_token_indices": {"embed_tokens": [0, 1]}, "target_parameters": ["experts.gate_up_proj"]}
 _METADATA = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
              "inference_mode"}
 
