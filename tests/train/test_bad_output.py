@@ -141,6 +141,49 @@ def test_resume_refuses_a_checkpoint_with_non_finite_tensors(tmp_path: Path, whe
     assert "not finite" in str(info.value) and str(path) in str(info.value)
 
 
+class _RunsCode:
+    """Unpickling this calls ``exec``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("name", [ckpt.CHECKPOINT, ckpt.BEST])
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_unrun(tmp_path: Path, name: str) -> None:
+    from lorakit.train.errors import UnsafeCheckpointError
+
+    marker, path = tmp_path / "ran.txt", tmp_path / name
+    torch.save({"step": 1, "trainable": {"w": torch.ones(2)}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=str(path)):
+        ckpt.load(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: the plain unpickler runs it
+    assert marker.read_text() == "ran"
+
+
+def test_a_real_checkpoint_loads_under_weights_only(tmp_path: Path) -> None:
+    """Everything lorakit writes (RNG states, AdamW and schedule state) is plain data."""
+    import random
+
+    from lorakit.train.distributed import DistContext
+    from lorakit.train.optimization import build_optimizer
+
+    model = nn.Linear(4, 2)
+    _, opt, sched = build_optimizer(model, TrainConfig.build({}), total=10, warmup=2)  # the loop's own
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    ckpt.save(tmp_path, 1, {"value": 0.5, "step": 1}, model, opt, sched, {"task": "sst2", "lr": 1e-3}, ctx)
+    state = ckpt.load(tmp_path / ckpt.CHECKPOINT)
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert state["rng"][0]["python"] == random.getstate() and state["step"] == 1
+    assert state["scheduler"] == sched.state_dict()
+
+
 def test_resume_from_a_poisoned_run_fails_before_loading_the_model(
         tiny_bert: Path, sentiment_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lorakit.train import loop

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from lorakit.atomic import atomic_write
 from lorakit.checks import check_finite
 from lorakit.train import distributed as dd
-from lorakit.train.errors import ResumeError
+from lorakit.train.errors import ResumeError, UnsafeCheckpointError
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -113,13 +114,27 @@ def restore(state: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Opti
     set_rng_state(state["rng"][rank])
 
 
+def save_best(path: Path, step: int, metrics: dict[str, Any], trainable: dict[str, torch.Tensor]) -> None:
+    """Write ``best.pt``: the step, its eval metrics and the trainable weights (plain or gathered FSDP)."""
+    atomic_save({"step": step, "metrics": metrics, "trainable": trainable}, path)
+
+
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file (CPU tensors); NaN or inf in its weights or optimizer state raise
-    :class:`ResumeError` naming each tensor (resuming would train on from a diverged state)."""
+    """Load a checkpoint file (``checkpoint.pt``, ``best.pt``) as CPU tensors and plain data only
+    (``weights_only=True``: a file whose pickle would build other objects or call code raises
+    :class:`UnsafeCheckpointError` and nothing of it runs); NaN or inf in its weights or optimizer
+    state raise :class:`ResumeError` naming each tensor (resuming would train on from a diverged state)."""
     if not path.is_file():
         raise ResumeError(f"no checkpoint at {path}; start the run without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise ResumeError(f"checkpoint {path} is unreadable: {exc}") from exc
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds Python objects other than tensors and plain data, refused "
+            f"(torch.load weights_only=True; lorakit never writes such objects): {str(exc).splitlines()[-1]}"
+        ) from None
     except Exception as exc:
         raise ResumeError(f"checkpoint {path} is unreadable: {exc}") from exc
     check_finite(_tensors(state), path, ResumeError,

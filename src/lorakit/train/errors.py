@@ -25,6 +25,10 @@ class ResumeError(LoraError, ValueError):
     """``--resume`` points at a checkpoint that does not exist or belongs to another config."""
 
 
+class UnsafeCheckpointError(ResumeError):
+    """A checkpoint's pickle would build objects other than tensors and plain data (code execution): refused."""
+
+
 class FSDPLaunchError(TrainConfigError):
     """``--fsdp`` outside torchrun; the message gives the torchrun command to use."""
 

@@ -288,10 +288,7 @@ class Trainer:
                 if self.cfg.fsdp:
                     fsdp.save_best(self.model, step, res, self.run_dir / ckpt.BEST, self.ctx)
                 else:
-                    ckpt.atomic_save(
-                        {"step": step, "metrics": res, "trainable": ckpt.trainable_state(self.model)},
-                        self.run_dir / ckpt.BEST,
-                    )
+                    ckpt.save_best(self.run_dir / ckpt.BEST, step, res, ckpt.trainable_state(self.model))
         best.update(dd.broadcast_object(self.ctx, dict(best)))
         return res
 
