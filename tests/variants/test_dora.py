@@ -163,22 +163,63 @@ def test_half_merge_is_one_rounding_of_the_fp32_result_and_unmerge_bit_exact(dty
     assert (layer.weight.float() - w0.float()).abs().max().item() < 0.05
 
 
-def test_dropout_training_form_is_peft_formula() -> None:
+@pytest.mark.parametrize("form", ["peft", "lora-only"])
+def test_dropout_training_forms_match_their_formula_with_gradients(form: str) -> None:
+    """Both dropout forms against plain torch: outputs and every gradient (x, A, B, m, bias)."""
+    from lorakit.variants.dora import set_dropout_form
+
     torch.manual_seed(4)
     model = _Wrap(nn.Linear(10, 6))
     lorakit.inject(model, LoraConfig(r=2, alpha=4, dropout=0.5, targets=["body.0"], use_dora=True))
     _perturb(model)
+    if form == "peft":
+        assert set_dropout_form(model, "peft") == 1
     layer = model.body[0].train()
-    x = torch.randn(3, 10)
+    layer.bias.requires_grad_(True)  # exercise the bias gradient too
+    x = torch.randn(3, 4, 10, requires_grad=True)
     torch.manual_seed(9)
     got = model(x)
+    got.square().sum().backward()
+    mine = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    gx = x.grad.clone()
+    x.grad = None
     torch.manual_seed(9)
     d = F.dropout(x, 0.5, training=True)
     W0, s = layer.weight.detach(), layer.scaling
-    n = (W0 + s * layer.lora_B.detach() @ layer.lora_A.detach()).norm(dim=1)
-    f = layer.lora_magnitude_vector.detach() / n
-    want = F.linear(x, W0, layer.bias) + (f - 1) * F.linear(d, W0) + f * s * (d @ layer.lora_A.t() @ layer.lora_B.t())
+    A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    m, b = layer.lora_magnitude_vector.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    f = m / (W0 + s * B.detach() @ A.detach()).norm(dim=1)
+    lora = s * (d @ A.t() @ B.t())
+    if form == "peft":
+        want = F.linear(x, W0, b) + (f - 1) * F.linear(d, W0) + f * lora
+    else:
+        want = f * (F.linear(x, W0) + lora) + b
     assert (got - want).abs().max().item() < 1e-5
+    want.square().sum().backward()
+    assert torch.allclose(gx, x.grad, rtol=1e-5, atol=1e-5)
+    for name, ref in [("lora_A", A), ("lora_B", B), ("lora_magnitude_vector", m), ("bias", b)]:
+        assert torch.allclose(mine[f"body.0.{name}"], ref.grad, rtol=1e-5, atol=1e-5), name
+    with pytest.raises(LoraConfigError, match="lora-only"):
+        set_dropout_form(model, "dropped")
+
+
+def test_fan_in_fan_out_generation_and_factored_norm_match_formula() -> None:
+    """GPT-2 Conv1D (weight stored (in, out)): grad-mode, no_grad decoding rows and the factored
+    norm all agree with W' = m (W0 + s B A) / ||W0 + s B A|| in float64."""
+    torch.manual_seed(8)
+    model = _gpt2_conv1d()
+    lorakit.inject(model, LoraConfig(r=2, alpha=5, targets=["body.0", "body.2"], use_dora=True))
+    _perturb(model)
+    layer = model.body[0]
+    want_n = (layer.weight.detach().double().t()
+              + layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()).norm(dim=1)
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, 6)
+        with torch.no_grad():
+            fast = model(x)
+        slow = model(x)
+        assert (fast - slow).abs().max().item() < 1e-5
+    assert torch.allclose(variant_of(layer)._norm.view(-1).double(), want_n, rtol=1e-6)
 
 
 def test_norm_is_detached_and_cached_when_nothing_changes() -> None:

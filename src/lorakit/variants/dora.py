@@ -13,8 +13,17 @@ detached from the graph (paper Section 4.3; PEFT does the same), so the gradient
     h = (m / n) ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b                       (no dropout, or eval)
     h = x W0ᵀ + b + (m / n - 1) ⊙ (d W0ᵀ) + (m / n) ⊙ s (d Aᵀ) Bᵀ     d = dropout(x), training
 
-the second form being PEFT's (the base output uses the undropped input). The norm is cached per
-version of W0, A and B, so generation with nothing training computes it once.
+With dropout, two forms (:func:`set_dropout_form`): ``"lora-only"`` (the default) drops the LoRA
+branch's input only, ``h = (m / n) ⊙ (x W0ᵀ + s (d Aᵀ) Bᵀ) + b`` (torchtune's DoRALinear), one base
+GEMM as without dropout; ``"peft"`` is PEFT's and the DoRA reference code's
+``h = x W0ᵀ + b + (m / n - 1) ⊙ (d W0ᵀ) + (m / n) ⊙ s (d Aᵀ) Bᵀ``, a second base GEMM forward and
+backward (~1.8x a LoRA step on SmolLM2). Both are the same function without dropout and in eval
+(what PEFT's outputs are compared on), and the same in expectation over the dropout mask.
+
+The norm is factored (:func:`~lorakit.variants.dora_ops.factored_row_sq`: ``‖W0‖²`` cached, r-sized
+work per step, no dense ``W0 + s B A``) and cached per version of W0, A and B, so generation with
+nothing training computes it once; a float32 Linear's forward and backward are one autograd node
+(:mod:`.dora_ops`).
 
 Tensors: ``lora_magnitude_vector`` on the layer (PEFT's shapes: (out,) for Linear, (dim,) for an
 Embedding, (1, out, 1, ...) for a convolution), saved under PEFT's key ``<module>.lora_magnitude_vector``.
@@ -29,12 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LoraError, UnsupportedModuleError
-from .base import LoraVariant, dropout_active, register_variant
+from ..errors import LoraConfigError, LoraError, UnsupportedModuleError
+from ..kernels.decode import _inference_linear
+from .base import LoraVariant, dropout_active, register_variant, variant_of
+from .dora_ops import dora_linear, factored_row_sq, fast_eligible
 
 MAGNITUDE = "lora_magnitude_vector"
+#: the dropout forms of :func:`set_dropout_form`
+DROPOUT_FORMS = ("lora-only", "peft")
 
-__all__ = ["MAGNITUDE", "DoraConv", "DoraEmbedding", "DoraLinear", "dora_for"]
+__all__ = ["DROPOUT_FORMS", "MAGNITUDE", "DoraConv", "DoraEmbedding", "DoraLinear", "dora_for",
+           "set_dropout_form"]
 
 
 def _key(*ts: Tensor) -> tuple:
@@ -49,7 +63,10 @@ class _Dora(LoraVariant):
     def __init__(self) -> None:
         self._norm_key: tuple | None = None
         self._norm: Tensor | None = None
+        self._w_sq_key: tuple | None = None
+        self._w_sq: Tensor | None = None
         self._merge_factor: Tensor | None = None
+        self.dropout_form = "lora-only"
 
     # --- what each layer kind says --------------------------------------------------------------
     def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor,
@@ -62,6 +79,10 @@ class _Dora(LoraVariant):
         raise NotImplementedError
 
     def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _matrix(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """The stored weight as the 2-D matrix that ``B A`` adds to (a view where possible)."""
         raise NotImplementedError
 
     # --- parameters -------------------------------------------------------------------------------
@@ -91,8 +112,15 @@ class _Dora(LoraVariant):
         key = (*_key(w, A, B), layer.scaling)
         if key != self._norm_key or self._norm is None:
             with torch.no_grad():
-                full = self._full_weight(layer, w.detach(), A.detach(), B.detach())
-                self._norm = torch.linalg.vector_norm(full, dim=self._norm_dims(layer, w), keepdim=True)
+                W = self._matrix(layer, w.detach(), A, B)
+                if key[0] != self._w_sq_key or self._w_sq is None:  # W0 changed (or first call)
+                    self._w_sq = W.float().square().sum(1)
+                    self._w_sq_key = key[0]
+                dims = self._norm_dims(layer, w)
+                shape = [1 if i in dims else n for i, n in enumerate(w.shape)]
+                n_out = int(torch.Size(shape).numel())
+                sq = factored_row_sq(W, self._w_sq, A.detach(), B.detach(), layer.scaling, n_out)
+                self._norm = sq.sqrt_().view(shape)
             self._norm_key = key
         return self._norm
 
@@ -136,22 +164,33 @@ class DoraLinear(_Dora):
     def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
         return (w.shape[1] if layer.fan_in_fan_out else w.shape[0],)
 
+    def _matrix(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return w.transpose(0, 1) if layer.fan_in_fan_out else w
+
     def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         w = layer._weight_param()
         W = w.transpose(0, 1) if layer.fan_in_fan_out else w  # (out, in)
         bias = layer._bias_param()
         factor = self._factor(layer, self.norm(layer, A, B)).view(-1)  # (out,)
         s = layer.scaling
-        if not dropout_active(layer):
-            y = F.linear(x, W)  # (..., out)
-            lora = (x.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)  # (..., r) -> (..., out)
-            out = (factor * (y.to(lora.dtype) + lora * s)).to(y.dtype)
-            return out + bias if bias is not None else out
-        d = layer.lora_dropout(x)
-        out = F.linear(x, W, bias)
-        y = F.linear(d, W)
-        lora = (d.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
-        return out + ((factor - 1) * y.to(lora.dtype) + factor * lora * s).to(out.dtype)
+        drop = dropout_active(layer)
+        if not drop and not torch.is_grad_enabled() and fast_eligible(x, W, A, B):
+            # generation: LoRA's inference path (the C++ row kernel when decoding), then the factor
+            out = _inference_linear(x, W, None, A, B, s).mul_(factor.to(x.dtype))
+            return out.add_(bias) if bias is not None else out
+        if drop and self.dropout_form == "peft":
+            d = layer.lora_dropout(x)
+            out = F.linear(x, W, bias)
+            y = F.linear(d, W)
+            lora = (d.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
+            return out + ((factor - 1) * y.to(lora.dtype) + factor * lora * s).to(out.dtype)
+        d = layer.lora_dropout(x) if drop else None  # "lora-only": dropout on the LoRA branch's input
+        if fast_eligible(x, W, A, B):
+            return dora_linear(x, d, W, bias, A, B, factor, s)
+        y = F.linear(x, W)  # (..., out)
+        lora = ((x if d is None else d).to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
+        out = (factor * (y.to(lora.dtype) + lora * s)).to(y.dtype)
+        return out + bias if bias is not None else out
 
 
 class DoraEmbedding(_Dora):
@@ -166,6 +205,9 @@ class DoraEmbedding(_Dora):
 
     def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
         return (w.shape[1],)
+
+    def _matrix(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return w.transpose(0, 1)  # (dim, num), as B A
 
     def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         w = layer._weight_param()
@@ -191,6 +233,9 @@ class DoraConv(_Dora):
     def _magnitude_shape(self, layer: nn.Module, w: Tensor) -> tuple[int, ...]:
         return (1, w.shape[0], *([1] * (w.dim() - 2)))
 
+    def _matrix(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return w.reshape(B.shape[0], A.shape[1])  # loralib layout: k rows of B A per out channel
+
     def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         conv = layer._conv()
         w, bias = conv.weight, conv.bias
@@ -203,6 +248,10 @@ class DoraConv(_Dora):
             out = (factor * y.to(factor.dtype)).to(y.dtype)
             return out + b if b is not None else out
         d = layer.lora_dropout(x)
+        if self.dropout_form != "peft":  # "lora-only": f ⊙ (conv(x, W0) + conv(d, ΔW)) + b
+            y = conv._conv_forward(x, w, None) + conv._conv_forward(d, delta, None)
+            out = (factor * y.to(factor.dtype)).to(y.dtype)
+            return out + b if b is not None else out
         out = conv._conv_forward(x, w, bias)
         y = conv._conv_forward(d, w, None)
         lo = conv._conv_forward(d, delta, None)
@@ -225,6 +274,20 @@ def dora_for(layer: nn.Module) -> _Dora:
         return DoraLinear()
     raise UnsupportedModuleError(f"DoRA is defined for Linear, GPT-2 Conv1D, Embedding and Conv layers, "
                                  f"not {type(layer).__name__}")
+
+
+def set_dropout_form(model: nn.Module, form: str) -> int:
+    """Choose how DoRA layers under ``model`` apply LoRA dropout while training (see the module
+    docstring): ``"lora-only"`` (default, one base GEMM) or ``"peft"`` (PEFT's formula, W0·dropout(x)).
+    Returns the number of DoRA layers set; raises :class:`LoraConfigError` before changing anything."""
+    if form not in DROPOUT_FORMS:
+        raise LoraConfigError(f"DoRA dropout form {form!r} is not one of {DROPOUT_FORMS}")
+    layers = [v for m in model.modules() if isinstance(v := variant_of(m), _Dora)]
+    if not layers:
+        raise LoraConfigError(f"set_dropout_form: {type(model).__name__} has no DoRA layer (use_dora=True)")
+    for v in layers:
+        v.dropout_form = form
+    return len(layers)
 
 
 register_variant("use_dora", dora_for)
