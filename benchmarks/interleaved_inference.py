@@ -6,6 +6,7 @@
     python -m benchmarks.interleaved_inference --variants base-copy,lorakit-unmerged,lorakit-merged,base
     python -m benchmarks.interleaved_inference --variants lorakit-disabled,lorakit-unmerged,base
     python -m benchmarks.interleaved_inference --variants base,lorakit-disabled,lorakit-unmerged,lorakit-merged-same
+    python -m benchmarks.interleaved_inference --variants lorakit-unmerged,lorakit-dora-unmerged,peft-dora-unmerged
 
 The same workloads as :mod:`benchmarks.bench_inference`, but every variant's model lives in this
 process and the calls alternate (base, lorakit-unmerged, lorakit-merged, base, ...), timed by this
@@ -45,12 +46,14 @@ def _variant(base: nn.Module, name: str, r: int) -> nn.Module:
     model = copy.deepcopy(base)
     if name == "base-copy":  # the base model's weights in fresh memory, as the adapted variants' are
         return model
-    if name == "peft-unmerged":
+    if name in ("peft-unmerged", "peft-dora-unmerged"):
         import peft
-        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                           use_dora=name == "peft-dora-unmerged"))
         _randomize_b(model)
         return model.eval()
-    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, targets="all-linear"))
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, targets="all-linear",
+                                             use_dora=name == "lorakit-dora-unmerged"))
     _randomize_b(model)
     if name == "lorakit-merged":
         lorakit.merge(model)

@@ -31,14 +31,18 @@ def load(name: str, smoke: bool, device: torch.device | str = "cpu", dtype: torc
 def apply_variant(model: nn.Module, variant: str, targets: Sequence[str], r: int, alpha: float,
                   dropout: float) -> nn.Module:
     """floor: frozen; full: all trainable; lorakit / lorakit-plain / loralib / peft: LoRA on ``targets``;
-    lorakit-dora / peft-dora: DoRA on ``targets``."""
+    lorakit-dora / peft-dora: DoRA on ``targets``; lorakit-dora-peft: lorakit's DoRA with PEFT's
+    dropout form (``W0·dropout(x)`` in the magnitude term, a second base GEMM)."""
     if variant == "full":
         return model
     freeze(model)
-    if variant in ("lorakit", "lorakit-plain", "lorakit-dora"):
+    if variant in ("lorakit", "lorakit-plain", "lorakit-dora", "lorakit-dora-peft"):
         import lorakit
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=list(targets),
-                                                 use_dora=variant == "lorakit-dora"))
+                                                 use_dora=variant.startswith("lorakit-dora")))
+        if variant == "lorakit-dora-peft":
+            from lorakit.variants.dora import set_dropout_form
+            set_dropout_form(model, "peft")
         for _, layer in lorakit.lora_layers(model):
             layer.lora_fused = variant == "lorakit"
     elif variant == "loralib":
@@ -70,7 +74,13 @@ def train_step(name: str, variant: str, args: argparse.Namespace, targets: Seque
         emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     labels = ids if name == "smollm2" else torch.randint(0, 2, (batch,), device=dev)
 
+    dora = variant.startswith("lorakit-dora")
+
     def step() -> None:
+        if dora:  # as after an optimizer update: A and B change, so DoRA's cached norm is recomputed
+            with torch.no_grad():
+                for p in params:
+                    p.add_(0)
         with amp(args):
             loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
