@@ -44,7 +44,7 @@ def apply_variant(model: nn.Module, variant: str, targets: Sequence[str], r: int
             from lorakit.variants.dora import set_dropout_form
             set_dropout_form(model, "peft")
         for _, layer in lorakit.lora_layers(model):
-            layer.lora_fused = variant == "lorakit"
+            layer.lora_fused = variant != "lorakit-plain"
     elif variant == "loralib":
         swap_loralib(model, targets, r, alpha, dropout)
     elif variant in ("peft", "peft-dora"):

@@ -163,9 +163,11 @@ def test_half_merge_is_one_rounding_of_the_fp32_result_and_unmerge_bit_exact(dty
     assert (layer.weight.float() - w0.float()).abs().max().item() < 0.05
 
 
-@pytest.mark.parametrize("form", ["peft", "lora-only"])
+@pytest.mark.parametrize("form", ["peft", "lora-only", "lora-only-plain"])
 def test_dropout_training_forms_match_their_formula_with_gradients(form: str) -> None:
-    """Both dropout forms against plain torch: outputs and every gradient (x, A, B, m, bias)."""
+    """Both dropout forms against plain torch: outputs and every gradient (x, A, B, m, bias);
+    "lora-only" with the fused path's hashed mask (one autograd node) and with nn.Dropout."""
+    from lorakit.kernels.dropout import draw_seed, dropout_mask, keep_scale
     from lorakit.variants.dora import set_dropout_form
 
     torch.manual_seed(4)
@@ -176,6 +178,7 @@ def test_dropout_training_forms_match_their_formula_with_gradients(form: str) ->
         assert set_dropout_form(model, "peft") == 1
     layer = model.body[0].train()
     layer.bias.requires_grad_(True)  # exercise the bias gradient too
+    layer.lora_fused = form != "lora-only-plain"
     x = torch.randn(3, 4, 10, requires_grad=True)
     torch.manual_seed(9)
     got = model(x)
@@ -184,7 +187,10 @@ def test_dropout_training_forms_match_their_formula_with_gradients(form: str) ->
     gx = x.grad.clone()
     x.grad = None
     torch.manual_seed(9)
-    d = F.dropout(x, 0.5, training=True)
+    if form == "lora-only":
+        d = x * dropout_mask(x.shape, 0.5, draw_seed(), dtype=x.dtype) * keep_scale(0.5)
+    else:
+        d = F.dropout(x, 0.5, training=True)
     W0, s = layer.weight.detach(), layer.scaling
     A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
     m, b = layer.lora_magnitude_vector.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()

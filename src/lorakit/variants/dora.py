@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import LoraConfigError, LoraError, UnsupportedModuleError
 from ..kernels.decode import _inference_linear
+from ..kernels.dispatch import _eligible_p
 from .base import LoraVariant, dropout_active, register_variant, variant_of
 from .dora_ops import dora_linear, factored_row_sq, fast_eligible
 
@@ -184,11 +185,14 @@ class DoraLinear(_Dora):
             y = F.linear(d, W)
             lora = (d.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
             return out + ((factor - 1) * y.to(lora.dtype) + factor * lora * s).to(out.dtype)
-        d = layer.lora_dropout(x) if drop else None  # "lora-only": dropout on the LoRA branch's input
-        if fast_eligible(x, W, A, B):
-            return dora_linear(x, d, W, bias, A, B, factor, s)
+        # "lora-only": dropout on the LoRA branch's input only; the fused path's hashed mask where
+        # the layer is on the fused path (lora_fused) and that path takes this dropout module
+        p = _eligible_p(x, W, A, layer.lora_dropout) if layer.lora_fused else None
+        if p is not None and fast_eligible(x, W, A, B):
+            return dora_linear(x, W, bias, A, B, factor, s, p if drop else 0.0)
+        d = layer.lora_dropout(x) if drop else x
         y = F.linear(x, W)  # (..., out)
-        lora = ((x if d is None else d).to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
+        lora = (d.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
         out = (factor * (y.to(lora.dtype) + lora * s)).to(y.dtype)
         return out + bias if bias is not None else out
 

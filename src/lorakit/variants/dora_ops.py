@@ -12,7 +12,10 @@ Linear forward, one autograd node (float32 / float64, frozen W0)::
 
     h = f ⊙ (x W0ᵀ + s (d Aᵀ) Bᵀ) + b,   f = m / ‖W0 + s B A‖ (detached norm), d = dropout(x) or x
 
-backward: ``gf = f ⊙ g``; ``dx = gf W0 (+ s (gf B) A when d is x)``, ``dd = s (gf B) A``,
+with the fused LoRA path's dropout (a hashed mask shared by the projections reading the same x,
+regenerated from its seed in backward instead of stored)
+
+backward: ``gf = f ⊙ g``; ``dx = gf W0 + mask ⊙ s (gf B) A``,
 ``dA = s (gf B)ᵀ d``, ``dB = s gfᵀ (d Aᵀ)``, ``df = colsum(g ⊙ (x W0ᵀ + s (d Aᵀ) Bᵀ))``. It saves
 ``d``, ``d Aᵀ`` and that one (n, out) sum, and does one base GEMM forward and one backward.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..kernels import dropout as DK
 
 __all__ = ["dora_linear", "factored_row_sq", "fast_eligible"]
 
@@ -46,50 +51,59 @@ def fast_eligible(x: Tensor, W: Tensor, A: Tensor, B: Tensor) -> bool:
 
 class _DoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, d: Tensor | None, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                f: Tensor, s: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, f: Tensor, s: float,
+                p: float) -> Tensor:  # type: ignore[override]
         k, o = W.shape[1], W.shape[0]
         x2 = x.reshape(-1, k)
-        d2 = x2 if d is None else d.reshape(-1, k)
-        da = d2 @ A.transpose(0, 1)  # (n, r)
+        hashed = None
+        d2, s_eff = x2, s
+        if p > 0:  # the fused LoRA path's hashed mask (shared by siblings reading x, never stored)
+            group = DK._group_for(x, p, id(A))
+            masked = group.masked
+            if masked is None:
+                masked = DK.masked(x, group.seed, p)
+            d2, s_eff, hashed = masked.reshape(-1, k), s * DK.keep_scale(p), (group.seed, p)
+        da = d2 @ A.transpose(0, 1)  # (n, r), the mask's scale folded into s_eff
         t = x2 @ W.transpose(0, 1)  # (n, out): x W0ᵀ ...
-        t.addmm_(da, B.transpose(0, 1), alpha=s)  # ... + s (d Aᵀ) Bᵀ
+        t.addmm_(da, B.transpose(0, 1), alpha=s_eff)  # ... + s (d Aᵀ) Bᵀ
         fd = f.to(t.dtype)
         out = torch.addcmul(bias.to(t.dtype), t, fd) if bias is not None else t * fd
-        ctx.save_for_backward(d2, da, t, W, A, B, fd)
-        ctx.s, ctx.shared, ctx.fdtype = s, d is None, f.dtype
-        ctx.shapes = (x.shape, None if d is None else d.shape)
+        ctx.save_for_backward(d2 if ctx.needs_input_grad[3] else None, da, t, W, A, B, fd)
+        ctx.meta = (s_eff, hashed, x.shape, f.dtype)
         return out.view(*x.shape[:-1], o)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         d2, da, t, W, A, B, fd = ctx.saved_tensors
-        s = ctx.s
-        nx, nd, _, nbias, nA, nB, nf, _ = ctx.needs_input_grad
+        s_eff, hashed, x_shape, f_dtype = ctx.meta
+        nx, _, nbias, nA, nB, nf, _, _ = ctx.needs_input_grad
         g2 = g.reshape(-1, W.shape[0])
         gf = g2 * fd
-        gx = gd = gbias = gA = gB = gfac = None
-        gfb = gf @ B if (nA or nd or (nx and ctx.shared)) else None  # (n, r)
+        gx = gbias = gA = gB = gfac = None
+        gfb = gf @ B if (nA or nx) else None  # (n, r)
         if nx:
-            gx = gf @ W
-            if ctx.shared:
-                gx.addmm_(gfb, A, alpha=s)
-            gx = gx.view(ctx.shapes[0])
-        if nd:
-            gd = (gfb @ A).mul_(s).view(ctx.shapes[1])
+            if hashed is None:
+                gx = gf @ W
+                gx.addmm_(gfb, A, alpha=s_eff)
+            else:  # the LoRA part's dropped elements zeroed from the seed, then the base GEMM added
+                gx = (gfb @ A).mul_(s_eff)
+                DK.mask_(gx, *hashed)
+                gx.addmm_(gf, W)
+            gx = gx.view(x_shape)
         if nA:
-            gA = (gfb.transpose(0, 1) @ d2).mul_(s)
+            gA = (gfb.transpose(0, 1) @ d2).mul_(s_eff)
         if nB:
-            gB = (gf.transpose(0, 1) @ da).mul_(s)
+            gB = (gf.transpose(0, 1) @ da).mul_(s_eff)
         if nf:
-            gfac = (g2 * t).sum(0).to(ctx.fdtype)
+            gfac = (g2 * t).sum(0).to(f_dtype)
         if nbias:
             gbias = g2.sum(0)
-        return gx, gd, None, gbias, gA, gB, gfac, None
+        return gx, None, gbias, gA, gB, gfac, None, None
 
 
-def dora_linear(x: Tensor, d: Tensor | None, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                f: Tensor, scaling: float) -> Tensor:
-    """``f ⊙ (x Wᵀ + s (d Aᵀ) Bᵀ) + b`` (``d=None``: d is x) in one autograd node; ``W`` (out, in),
-    ``f`` (out,) differentiable (in m); callers check :func:`fast_eligible`."""
-    return _DoraLinear.apply(x, d, W, bias, A, B, f, scaling)
+def dora_linear(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, f: Tensor, scaling: float,
+                p: float = 0.0) -> Tensor:
+    """``f ⊙ (x Wᵀ + s (d Aᵀ) Bᵀ) + b`` in one autograd node, ``d`` the input with the fused LoRA
+    path's hashed dropout mask of probability ``p`` (:mod:`lorakit.kernels.dropout`; ``p=0``: x);
+    ``W`` (out, in), ``f`` (out,) differentiable (in m); callers check :func:`fast_eligible`."""
+    return _DoraLinear.apply(x, W, bias, A, B, f, scaling, p)
