@@ -77,9 +77,32 @@ def wrap(model: nn.Module, variant: str, ctx: Any) -> Any:
     return fsdp.shard(model, cfg, ctx, lora="replicated" if variant == "fsdp-replicated" else "sharded")
 
 
+def load_like_trainer(preset: str, variant: str, ctx: Any) -> tuple[nn.Module, int]:
+    """``preset``'s real weights loaded as ``lorakit train`` does: the full model on every rank (ddp) or
+    the meta-device skeleton whose shards each rank reads after ``fully_shard`` (fsdp variants); LoRA r=8 q/v
+    on an sst2-style classifier. Returns the model and the full base's bytes."""
+    from lorakit.train import meta_load
+    from lorakit.train.methods import apply_method
+    from lorakit.train.models import load_model, resolve
+
+    torch.manual_seed(0)
+    src = resolve(preset)
+    if variant == "ddp":
+        model = load_model(src, "classification", 2)
+    else:
+        model = meta_load.skeleton(src, "classification", 2, ctx)
+    apply_method(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
+    full = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return model, full
+
+
 def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
-    model = build(args.model)
-    full_base = local_bytes(model, trainable=False)
+    if args.load:
+        model, full_base = load_like_trainer(args.load, variant, ctx)
+    else:
+        model = build(args.model)
+        full_base = local_bytes(model, trainable=False)
+    rss_loaded = rss_mb()
     wrapped = wrap(model, variant, ctx)
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -89,8 +112,9 @@ def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     times = []
     for step in range(args.steps + 1):
         x = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+        labels = torch.randint(0, 2, (args.batch,), generator=g) if args.load else x
         t0 = time.perf_counter()
-        loss = wrapped(input_ids=x, labels=x).loss
+        loss = wrapped(input_ids=x, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -103,6 +127,7 @@ def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         "base_bytes_full": full_base,
         "base_bytes_rank": local_bytes(model, trainable=False),
         "lora_bytes_rank": local_bytes(model, trainable=True),
+        "rss_mb_loaded": rss_loaded,  # after loading (and LoRA), before sharding
         "rss_mb_after": rss_mb(),
         "step_s": statistics.median(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process so far
@@ -120,10 +145,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--json", default=None, help="rank 0 also writes the rows here")
+    ap.add_argument("--load", default=None, help="a preset (smollm2) loaded as `lorakit train` loads it: full "
+                    "model per rank for ddp, meta-device skeleton + per-rank shards for fsdp; one variant per "
+                    "launch, so that each rank's peak RSS is that variant's")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-    ctx = SimpleNamespace(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch.device("cpu"))
+    ctx = SimpleNamespace(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch.device("cpu"),
+                          local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     rows = [measure(v, args, ctx) for v in args.variants]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     every = [None] * ctx.world_size
@@ -138,6 +167,10 @@ def main() -> None:
             print(f"{r['variant']:<16} {r['base_bytes_rank'] / 2**20:13.1f}  "
                   f"{r['base_bytes_rank'] / r['base_bytes_full']:7.3f}  {r['lora_bytes_rank'] / 1024:13.1f}  "
                   f"{r['rss_mb_after']:13.0f}  {step:21.3f}  {step / anchor:7.3f}")
+        for i, r in enumerate(rows):
+            print(f"{r['variant']}: per rank peak RSS MiB " + ", ".join(f"{rk[i]['peak_rss_mb']:.0f}" for rk in every)
+                  + "; RSS after load MiB " + ", ".join(f"{rk[i]['rss_mb_loaded']:.0f}" for rk in every)
+                  + "; base MiB/rank " + ", ".join(f"{rk[i]['base_bytes_rank'] / 2**20:.1f}" for rk in every))
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"world": ctx.world_size, "ranks": every}, fh, indent=1)

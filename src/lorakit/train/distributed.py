@@ -88,3 +88,24 @@ def broadcast_object(ctx: DistContext, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# glibc's dynamic mmap threshold climbs to 32 MiB after the first large free, so FSDP2's per-block
+# all-gather buffers (one block's weights, allocated and freed twice per step) land on the heap and
+# are kept: a CPU rank's RSS grew by ~0.6-1 GiB over its shard (SmolLM2-135M, docs/benchmarks.md).
+HOST_MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_host_memory() -> bool:
+    """Serve host allocations >= 1 MiB by mmap so that freeing them gives the pages back (glibc only;
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment wins). Returns whether the setting was applied."""
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not ctypes.util.find_library("c"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(-3, HOST_MMAP_THRESHOLD))  # M_MMAP_THRESHOLD; also fixes it (no climb)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lorakit.train import distributed
 from lorakit.train.errors import FSDPBlockError, FSDPLaunchError, TrainConfigError
 
 # Where the trainable (LoRA, head) parameters live under --fsdp; see the module docstring for the measurement.
@@ -181,10 +182,11 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
         raise TrainConfigError(f"LORAKIT_FSDP_LORA / fsdp.shard(lora=): 'sharded' or 'replicated', not {lora!r}")
     blocks = find_blocks(model, cfg.fsdp_block)
     if not dist.is_initialized():  # torchrun with one process: FSDP2 still needs a process group
-        from lorakit.train.distributed import collective_timeout
-
-        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", timeout=collective_timeout())
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo",
+                                timeout=distributed.collective_timeout())
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    if ctx.device.type == "cpu" or cfg.fsdp_offload:  # all-gather buffers live in host memory
+        distributed.return_freed_host_memory()
     from lorakit.train import meta_load
 
     skeleton = meta_load.is_skeleton(model)  # built on meta: each rank reads its shard after fully_shard
@@ -320,8 +322,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) 
 
 def save_best(model: nn.Module, step: int, metrics: dict[str, float], path: Path, ctx: Any) -> None:
     """The loop's ``best.pt`` (same content as unsharded): gathered on every rank, written by rank 0."""
-    from lorakit.train.checkpoint import atomic_save
+    from lorakit.train import checkpoint
 
     state = full_trainable_state(model)
     if ctx.is_main:
-        atomic_save({"step": step, "metrics": metrics, "trainable": state}, path)
+        checkpoint.save_best(path, step, metrics, state)
