@@ -25,6 +25,8 @@ from ..checks import takes_model
 from ..errors import QuantizationError
 from ..layers import LoraLayer, is_conv1d_like
 from . import backend as QB
+from . import memory as QM
+from . import streaming as QS
 from . import weights as QW
 
 
@@ -111,15 +113,16 @@ def candidates(model: nn.Module, opts: QuantOptions, skip: str | Sequence[str]
     return found, skipped
 
 
-def _float_weight(m: nn.Module) -> torch.Tensor:
-    w = m.weight.detach()
+def _float_weight(m: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
+    w = m.weight.detach() if w is None else w
     return w.transpose(0, 1) if is_conv1d_like(m) or getattr(m, "fan_in_fan_out", False) else w  # (out, in)
 
 
-def quantized_linear(m: nn.Module, opts: QuantOptions) -> nn.Module:
-    """A bitsandbytes layer holding ``m``'s weight quantized (``m`` is not changed)."""
+def quantized_linear(m: nn.Module, opts: QuantOptions, weight: torch.Tensor | None = None) -> nn.Module:
+    """A bitsandbytes layer holding ``m``'s weight (or ``weight``, in ``m``'s layout) quantized
+    (``m`` is not changed)."""
     bnb = QB.bnb()
-    w = _float_weight(m)
+    w = _float_weight(m, weight)
     out_f, in_f = w.shape
     has_bias = getattr(m, "bias", None) is not None
     dev = w.device
@@ -196,7 +199,9 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", *, skip: Sequence[s
     if not found:
         raise QuantizationError(f"quantize_base: no nn.Linear or Conv1D layer to quantize (skip={list(skip_spec)}; "
                                 f"skipped: {skipped or 'none'})")
-    built = [(name, m, quantized_linear(m, opts)) for name, m in found]  # every layer built before any swap
+    stream = QS.is_skeleton(model)  # on meta: each float weight read from the file, quantized, let go
+    pairs = QS.float_weights(model, found) if stream else ((name, m, None) for name, m in found)
+    built = [(name, m, quantized_linear(m, opts, w)) for name, m, w in pairs]  # every layer built before any swap
     from ..inject import _set_module
     from .layer import adopt_quantized_base
 
@@ -205,6 +210,11 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", *, skip: Sequence[s
             adopt_quantized_base(m, q)
         else:
             _set_module(model, name, q)
+    if stream:
+        QS.materialise_rest(model, [name for name, _, _ in built])
+    del built, found, m, q  # the last references to the replaced float weights
+    QM.own_file_backed(model)  # the mmapped checkpoint's pages, read while quantizing, go with the map
+    QM.release_freed()  # the freed float weights go back to the kernel (see lorakit.quant.memory)
     model._lorakit_quant_skipped = dict(getattr(model, "_lorakit_quant_skipped", {}), **skipped)
     flag = "is_loaded_in_8bit" if opts.quant_type == "int8" else "is_loaded_in_4bit"
     try:  # what transformers sets for a BitsAndBytesConfig load; PEFT picks its bnb layers from it

@@ -160,6 +160,7 @@ def skeleton(src: ModelSource, kind: str, num_labels: int, ctx: Any) -> nn.Modul
         cls = tf.AutoModelForCausalLM if kind == "generation" else tf.AutoModelForSequenceClassification
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config, dtype=torch.float32)
+        model.tie_weights()  # as from_pretrained does: a tied head is the embedding, not a missing key
     except Exception as exc:  # transformers raises many types here
         raise ModelLoadError(f"cannot build a {kind} model from {root}: {exc}") from exc
     keys = _file_keys(files)
