@@ -184,6 +184,52 @@ def test_a_real_checkpoint_loads_under_weights_only(tmp_path: Path) -> None:
     assert state["scheduler"] == sched.state_dict()
 
 
+def _dcp_run(run: Path) -> tuple[nn.Module, torch.optim.Optimizer, object, object]:
+    """A one-process ``--fsdp``-style checkpoint (DCP directory + checkpoint.pt) of a LoRA'd Linear."""
+    from lorakit.train import sharded_ckpt
+    from lorakit.train.distributed import DistContext
+    from lorakit.train.optimization import build_optimizer
+
+    torch.manual_seed(0)
+    model = lorakit.inject(nn.Sequential(nn.Linear(8, 8)), lorakit.LoraConfig(r=2, alpha=4, targets=["0"]))
+    _, opt, sched = build_optimizer(model, TrainConfig.build({}), total=10, warmup=0)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    sharded_ckpt.save(run, 2, {"value": None}, model, opt, sched, {"task": "sst2"}, 8, ctx)
+    return model, opt, sched, ctx
+
+
+def test_dcp_resume_refuses_non_finite_shards_and_leaves_the_model(tmp_path: Path) -> None:
+    from lorakit.train import sharded_ckpt
+
+    model, opt, sched, ctx = _dcp_run(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    name, lora_b = next((n, p) for n, p in model.named_parameters() if n.endswith("lora_B"))
+    with torch.no_grad():  # a diverged step's checkpoint: NaN in lora_B, then the live weights restored
+        lora_b[0, 0] = math.nan
+        sharded_ckpt.save(tmp_path, 3, {"value": None}, model, opt, sched, {"task": "sst2"}, 8, ctx)
+        lora_b.copy_(before[name])
+    state = ckpt.load(tmp_path / ckpt.CHECKPOINT)  # checkpoint.pt itself holds no weights under --fsdp
+    with pytest.raises(ResumeError, match=rf"model\.{name.replace('.', '[.]')}: 1 of 16 values are not finite"):
+        sharded_ckpt.restore(tmp_path, state, model, opt, sched, ctx)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_dcp_metadata_whose_pickle_runs_code_is_refused_unrun(tmp_path: Path) -> None:
+    from lorakit.train import sharded_ckpt
+    from lorakit.train.errors import UnsafeCheckpointError
+
+    model, opt, sched, ctx = _dcp_run(tmp_path)
+    state = ckpt.load(tmp_path / ckpt.CHECKPOINT)
+    sharded_ckpt.restore(tmp_path, state, model, opt, sched, ctx)  # the genuine metadata passes
+    marker = tmp_path / "ran.txt"
+    (tmp_path / state["dcp"] / ".metadata").write_bytes(__import__("pickle").dumps(_RunsCode(marker)))
+    with pytest.raises(UnsafeCheckpointError, match=r"builtins\.exec"):
+        sharded_ckpt.restore(tmp_path, state, model, opt, sched, ctx)
+    assert not marker.exists()
+
+
 def test_resume_from_a_poisoned_run_fails_before_loading_the_model(
         tiny_bert: Path, sentiment_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lorakit.train import loop
