@@ -78,3 +78,38 @@ def test_skeleton_with_nothing_to_quantize_stays_a_skeleton(tmp_path: Path) -> N
     with pytest.raises(QuantizationError, match="no nn.Linear"):
         quantize_base(sk, "nf4", skip=r".*")
     assert meta_load.is_skeleton(sk) and sk.model.layers[0].self_attn.q_proj.weight.is_meta
+
+
+def test_train_quantize_streams_the_skeleton_and_equals_the_full_load(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lorakit train --quantize nf4`` loads through the skeleton (``meta_load.applies``) and trains the
+    same adapter, bit for bit, as the full load (``LORAKIT_FSDP_META=0``)."""
+    from safetensors.torch import load_file
+    from tests.train.conftest import make_tiny_bert, tiny_train_args
+
+    from lorakit.cli import main
+    from lorakit.train import meta_load
+    from lorakit.train.data import get_task, read_glue_tsv
+    from lorakit.train.demo import _write_tsv, sample_path, split_sample
+    from lorakit.train.models import ModelSource
+
+    bert = make_tiny_bert(tmp_path / "bert")
+    assert meta_load.applies(SimpleNamespace(fsdp=False, quantize="nf4"), ModelSource(bert))
+    assert not meta_load.applies(SimpleNamespace(fsdp=True, quantize="nf4"), ModelSource(bert))
+    train, test = split_sample(read_glue_tsv(sample_path(), get_task("sst2")), 0.25, 0)
+    _write_tsv(tmp_path / "train.tsv", train)
+    _write_tsv(tmp_path / "test.tsv", test)
+    files = (tmp_path / "train.tsv", tmp_path / "test.tsv")
+    built: list[bool] = []
+    skeleton = meta_load.skeleton
+    monkeypatch.setattr(meta_load, "skeleton", lambda *a: built.append(True) or skeleton(*a))
+    adapters = []
+    for meta in ("1", "0"):
+        monkeypatch.setenv("LORAKIT_FSDP_META", meta)
+        run = tmp_path / f"run{meta}"
+        assert main(tiny_train_args(bert, files, max_train_examples=16, max_steps=2, lr=1e-2, output_dir=run,
+                                    quantize="nf4")) == 0
+        adapters.append(load_file(run / "adapter" / "adapter_model.safetensors"))
+    assert built == [True]  # the streamed run only
+    a, b = adapters
+    assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []

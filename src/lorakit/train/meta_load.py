@@ -13,7 +13,8 @@ ever holds more than its shard plus one tensor's rows.
 A GGUF source (the ``smollm2`` preset) is dequantized by transformers as a whole, so it is converted
 once, in a child process (the ranks' memory stays low), to a float32 safetensors copy in
 ``$LORAKIT_CACHE_DIR`` (default ``~/.cache/lorakit``), which every later ``--fsdp`` run streams from.
-Sources without safetensors weights (``*.bin``) and ``--quantize`` keep the full load.
+Sources without safetensors weights (``*.bin``) and ``--fsdp --quantize`` keep the full load. Under
+``--quantize`` alone the skeleton is quantized layer by layer from the file (:mod:`lorakit.quant.streaming`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ PLAN_ATTR = "_lorakit_meta_plan"  # on a skeleton: {param name: (file, key)}, co
 
 # --- when --------------------------------------------------------------------------------------------
 def applies(cfg: Any, src: ModelSource) -> bool:
-    """Meta-device loading for this run: ``--fsdp``, no ``--quantize``, safetensors or GGUF weights."""
-    if not cfg.fsdp or cfg.quantize or os.environ.get("LORAKIT_FSDP_META", "1") == "0":
+    """Meta-device loading for this run: ``--fsdp`` or ``--quantize`` (not both), safetensors or GGUF
+    weights. Under ``--quantize``, :func:`lorakit.quantize_base` streams the skeleton layer by layer
+    (:mod:`lorakit.quant.streaming`), so the float model is never resident."""
+    if bool(cfg.fsdp) == bool(cfg.quantize) or os.environ.get("LORAKIT_FSDP_META", "1") == "0":
         return False
     return src.gguf_file is not None or bool(_safetensors(src.path))
 
