@@ -6,9 +6,11 @@ lorakit vs PEFT + bitsandbytes on the same NF4 base. One fresh subprocess per va
 
 Variants: ``lorakit-fp32`` (the anchor), ``lorakit-nf4``, ``peft-nf4`` (PEFT's bitsandbytes
 ``Linear4bit`` LoRA layer on the identical base, built by ``lorakit.quantize_base``), ``floor-nf4``
-(the NF4 base frozen, no LoRA, input grads on), ``lorakit-int8``; ``micro-ours`` / ``micro-bnb``
-time the base part alone (forward + input-gradient backward of the 1536×576 ``up_proj`` at 512
-rows): lorakit's dequantize-then-GEMM Function against ``bitsandbytes.matmul_4bit``.
+(the NF4 base frozen, no LoRA, input grads on), ``lorakit-int8``; ``lorakit-nf4-stream`` /
+``peft-nf4-stream``: the same NF4 base loaded as ``lorakit train --quantize nf4`` does (a meta-device
+skeleton, each layer read from the safetensors copy and quantized, the float model never resident);
+``micro-ours`` / ``micro-bnb`` time the base part alone (forward + input-gradient backward of the
+1536×576 ``up_proj`` at 512 rows): lorakit's dequantize-then-GEMM Function against ``bitsandbytes.matmul_4bit``.
 
 Peak memory: every parameter is first copied out of the loader's mmap of the checkpoint (else the
 file pages quantization read stay resident while any tensor uses the map). The table's peak is
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Measured, main, time_it, variants
+from benchmarks.harness import CACHE, Measured, main, smollm2_dir, time_it, variants
 from benchmarks.models import SMOL_TARGETS, load
 
 R, ALPHA, DROPOUT, BATCH, SEQ = 16, 32, 0.05, 4, 128
@@ -67,15 +69,40 @@ def _adapted_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return got, fp32
 
 
+def _streamed(quant: str, smoke: bool) -> torch.nn.Module:
+    """What ``lorakit train --quantize`` loads: a meta-device skeleton quantized layer by layer from the
+    safetensors copy (``lorakit.quant.streaming``); the float model is never resident."""
+    from types import SimpleNamespace
+
+    import lorakit
+    from lorakit.train import meta_load
+    from lorakit.train.models import ModelSource
+
+    src = Path(smollm2_dir())
+    if smoke:  # the 2-layer slice, saved once
+        src = Path(CACHE / "smollm2-2layers")
+        if not (src / "config.json").is_file():
+            load("smollm2", True).save_pretrained(src)
+    model = meta_load.skeleton(ModelSource(src), "generation", 2, SimpleNamespace(local_rank=0, rank=0))
+    model.config.use_cache = False
+    lorakit.quantize_base(model, quant, skip=("lm_head",))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def _build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     import lorakit
 
-    model = load("smollm2", args.smoke)
+    if variant.endswith("-stream"):
+        model = _streamed(variant.split("-")[1], args.smoke)
+    else:
+        model = load("smollm2", args.smoke)
     for p in model.parameters():
         p.requires_grad_(False)
         # own memory instead of views into the loader's mmap of the checkpoint: otherwise the pages that
         # quantization read stay resident (the map lives while any tensor, e.g. the embedding, uses it)
-        p.data = p.data.clone()
+        p.data = p.data if variant.endswith("-stream") else p.data.clone()
     if variant.endswith(("nf4", "int8")):
         lorakit.quantize_base(model, "int8" if variant.endswith("int8") else "nf4", skip=("lm_head",))
     if variant.startswith("lorakit"):
@@ -155,7 +182,8 @@ def _micro_run(args: argparse.Namespace, variant: str) -> Measured:
     return res
 
 
-VARIANTS = {**variants(_step_run, ("lorakit-fp32", "lorakit-nf4", "peft-nf4", "floor-nf4", "lorakit-int8")),
+VARIANTS = {**variants(_step_run, ("lorakit-fp32", "lorakit-nf4", "peft-nf4", "floor-nf4", "lorakit-int8",
+                                   "lorakit-nf4-stream", "peft-nf4-stream")),
             **variants(_micro_run, ("micro-ours", "micro-bnb"))}
 
 if __name__ == "__main__":
