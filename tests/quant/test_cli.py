@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.train.conftest import make_tiny_bert, tiny_train_args
+from tests.train.conftest import make_tiny_bert, tiny_train_args, write_sentiment_files
 
 from lorakit.cli import main
 
@@ -16,14 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from lorakit.train.data import get_task, read_glue_tsv
-    from lorakit.train.demo import _write_tsv, sample_path, split_sample
-
-    d = tmp_path_factory.mktemp("sent")
-    train, test = split_sample(read_glue_tsv(sample_path(), get_task("sst2")), 0.25, 0)
-    _write_tsv(d / "train.tsv", train)
-    _write_tsv(d / "test.tsv", test)
-    return d / "train.tsv", d / "test.tsv"
+    return write_sentiment_files(tmp_path_factory.mktemp("sent"))
 
 
 def test_train_quantized_then_merge_to_bf16_and_to_nf4(tmp_path: Path, files: tuple[Path, Path],

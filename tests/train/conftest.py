@@ -100,17 +100,21 @@ def tiny_bert_dropout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_do"), dropout=0.1)
 
 
-@pytest.fixture(scope="session")
-def sentiment_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Train/test TSVs (SST-2 layout) cut from the bundled demo sample."""
+def write_sentiment_files(d: Path) -> tuple[Path, Path]:
+    """Train/test TSVs (SST-2 layout) cut from the bundled demo sample, written into ``d``."""
     from lorakit.train.data import get_task, read_glue_tsv
     from lorakit.train.demo import _write_tsv, sample_path, split_sample
 
-    d = tmp_path_factory.mktemp("sent")
     train, test = split_sample(read_glue_tsv(sample_path(), get_task("sst2")), 0.25, 0)
     _write_tsv(d / "train.tsv", train)
     _write_tsv(d / "test.tsv", test)
     return d / "train.tsv", d / "test.tsv"
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Train/test TSVs (SST-2 layout) cut from the bundled demo sample."""
+    return write_sentiment_files(tmp_path_factory.mktemp("sent"))
 
 
 # --- tiny runs -----------------------------------------------------------------------------------

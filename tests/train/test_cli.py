@@ -16,7 +16,7 @@ from lorakit.train import config as cfgmod
 from lorakit.train.config import TrainConfig, flag
 from lorakit.train.errors import TrainConfigError
 
-from .conftest import TINY_DIMS, cli_args, tiny_eval_options, tiny_train_args
+from .conftest import cli_args, make_tiny_llama, tiny_eval_options, tiny_train_args
 
 COMMANDS = {
     "train": "TrainConfig",
@@ -142,27 +142,8 @@ E2E_LINES = "".join(
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer (read from the GGUF package)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lorakit.train.models import load_tokenizer, resolve
-
-    try:
-        tok = load_tokenizer(resolve("smollm2"))
-    except Exception as exc:  # package missing
-        pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
     d = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        **TINY_DIMS,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    make_tiny_llama(d)
     return d
 
 
