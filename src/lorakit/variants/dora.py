@@ -68,6 +68,7 @@ class _Dora(LoraVariant):
         self._w_sq: Tensor | None = None
         self._merge_factor: Tensor | None = None
         self.dropout_form = "lora-only"
+        self._eval: tuple = ((), None)  # (key, factor in x's dtype) of the no-grad Linear forward
 
     # --- what each layer kind says --------------------------------------------------------------
     def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor,
@@ -169,16 +170,25 @@ class DoraLinear(_Dora):
         return w.transpose(0, 1) if layer.fan_in_fan_out else w
 
     def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        w = layer._weight_param()
-        W = w.transpose(0, 1) if layer.fan_in_fan_out else w  # (out, in)
-        bias = layer._bias_param()
-        factor = self._factor(layer, self.norm(layer, A, B)).view(-1)  # (out,)
-        s = layer.scaling
+        d = layer.__dict__
+        params = d["_parameters"]
+        w = params["weight"] if "weight" in params else layer.weight  # a parametrization moves it
+        bias = params["bias"] if "bias" in params else layer.bias
+        W = w.transpose(0, 1) if d["fan_in_fan_out"] else w  # (out, in)
+        s = d["scaling"]
         drop = dropout_active(layer)
-        if not drop and not torch.is_grad_enabled() and fast_eligible(x, W, A, B):
-            # generation: LoRA's inference path (the C++ row kernel when decoding), then the factor
-            out = _inference_linear(x, W, None, A, B, s).mul_(factor.to(x.dtype))
-            return out.add_(bias) if bias is not None else out
+        if not drop and not torch.is_grad_enabled():
+            # generation: LoRA's inference path (the C++ row kernel when decoding) times m / n, the
+            # factor cached while W0, A, B, m, the scaling and x's dtype stay (one key per call)
+            key = (*_key(w, A, B, params[MAGNITUDE]), s, x.dtype)
+            if key != self._eval[0]:
+                f = self._factor(layer, self.norm(layer, A, B)).view(-1).to(x.dtype)
+                self._eval = (key, f if fast_eligible(x, W.detach(), A, B) else None)
+            f = self._eval[1]
+            if f is not None and not torch.is_autocast_enabled(x.device.type):
+                out = _inference_linear(x, W, None, A, B, s).mul_(f)
+                return out.add_(bias) if bias is not None else out
+        factor = self._factor(layer, self.norm(layer, A, B)).view(-1)  # (out,)
         if drop and self.dropout_form == "peft":
             d = layer.lora_dropout(x)
             out = F.linear(x, W, bias)
