@@ -149,3 +149,19 @@ def test_meta_loading_applies_only_where_it_can() -> None:
     assert applies(cfg, gguf) and not applies(cfg, here)
     assert not applies(SimpleNamespace(fsdp=False, quantize=None), gguf)
     assert not applies(SimpleNamespace(fsdp=True, quantize="nf4"), gguf)
+
+
+@pytest.mark.slow
+def test_fsdp_composes_with_a_quantized_base(tmp_path: Path, tiny_bert: Path,
+                                             sentiment_files: tuple[Path, Path]) -> None:
+    """``--fsdp --quantize nf4`` on 2 ranks = ``--quantize nf4`` in one process (same global batch)."""
+    pytest.importorskip("bitsandbytes")
+    ref, out = tmp_path / "single", tmp_path / "fsdp"
+    res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **SHORT, batch_size=8, quantize="nf4",
+                                   output_dir=ref), env=ENV)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **SHORT, batch_size=4, quantize="nf4", fsdp=True,
+                                   output_dir=out), launcher=torchrun(2), env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert train_losses(out) == pytest.approx(train_losses(ref), rel=LOSS_REL)
+    assert_same_adapter(ref, out)
