@@ -65,6 +65,17 @@ def test_forward_and_grads_match_a_float_layer_on_the_dequantized_weight(toy: To
     assert q.weight.grad is None and q.weight.dtype == (torch.int8 if kind == "int8" else torch.uint8)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_rslora_scale_on_a_quantized_base_is_the_plain_formula(toy: Toy, kind: str) -> None:
+    """rsLoRA (alpha / sqrt(r)) on a quantized base: x deq(W0)^T + alpha/sqrt(r) x A^T B^T in plain torch."""
+    m = _adapted(toy, kind, use_rslora=True)
+    q = m.up_proj
+    x = torch.randn(2, 5, 64)
+    want = x @ reference_dequantize(q.quant_base).T + 8 / 4 ** 0.5 * (x @ q.lora_A.detach().T @ q.lora_B.detach().T)
+    with torch.no_grad():
+        assert torch.allclose(q(x), want, atol=2e-5, rtol=1e-5)
+
+
 def test_no_dense_weight_is_saved_for_backward(toy: Toy) -> None:
     m = _adapted(toy, dropout=0.1)
     sizes: list[int] = []
