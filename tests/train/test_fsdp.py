@@ -175,7 +175,7 @@ def test_kill_a_rank_then_resume_on_one_rank(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and 3 <= state["step"] < COMMON["max_steps"]
     assert (out / state["dcp"] / ".metadata").is_file()
     # A save torn by the crash (a later step's directory without its metadata) must not be used.

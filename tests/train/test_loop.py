@@ -100,7 +100,7 @@ def test_errors_come_before_training(
     # A checkpoint from another config is refused, naming the differing option.
     run = tmp_path / "r"
     train(tiny_cfg(tiny_bert, sentiment_files, run, max_steps=4, save_every=2))
-    state = torch.load(run / "best.pt", weights_only=False)  # any file; fabricate a checkpoint
+    state = torch.load(run / "best.pt", weights_only=True)  # any file; fabricate a checkpoint
     digest, keep = ckpt.fingerprint(
         {**tiny_cfg(tiny_bert, sentiment_files, run).to_dict(), "lr": 5e-3, "world_size": 1, "task": "sst2"}
     )
@@ -179,7 +179,7 @@ def test_resume_after_kill_9_matches_uninterrupted(
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "results.json").exists()
-    resumed_from = torch.load(run / ckpt.CHECKPOINT, weights_only=False)["step"]
+    resumed_from = torch.load(run / ckpt.CHECKPOINT, weights_only=True)["step"]
     assert 4 <= resumed_from < 12
 
     # Resuming with a different learning rate is refused; the same config continues.
