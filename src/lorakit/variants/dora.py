@@ -180,7 +180,9 @@ class DoraLinear(_Dora):
         if not drop and not torch.is_grad_enabled():
             # generation: LoRA's inference path (the C++ row kernel when decoding) times m / n, the
             # factor cached while W0, A, B, m, the scaling and x's dtype stay (one key per call)
-            key = (*_key(w, A, B, params[MAGNITUDE]), s, x.dtype)
+            m = params[MAGNITUDE]  # key inlined (this runs per layer per decoded token)
+            key = (w._version, A._version, B._version, m._version, w.data_ptr(), A.data_ptr(), B.data_ptr(),
+                   m.data_ptr(), w.dtype, A.dtype, s, x.dtype)
             if key != self._eval[0]:
                 f = self._factor(layer, self.norm(layer, A, B)).view(-1).to(x.dtype)
                 self._eval = (key, f if fast_eligible(x, W.detach(), A, B) else None)
