@@ -297,3 +297,20 @@ def test_state_dict_of_merged_model_holds_w0_and_reloads() -> None:
     fresh = lorakit.inject(_Wrap(nn.Linear(6, 5)), LoraConfig(r=2, targets=["body.0"], use_dora=True))
     fresh.load_state_dict(sd)
     assert (fresh(x) - want).abs().max().item() < 1e-5
+
+
+def test_no_grad_factor_cache_follows_magnitude_and_lora_updates() -> None:
+    """Generation caches m / n: an in-place update of m, B or W0 (as an optimizer step) must show."""
+    torch.manual_seed(10)
+    model = _Wrap(nn.Linear(12, 7))
+    lorakit.inject(model, LoraConfig(r=2, alpha=4, targets=["body.0"], use_dora=True))
+    _perturb(model)
+    layer = model.body[0].eval()
+    x = torch.randn(1, 12)
+    with torch.no_grad():
+        for change in (lambda: None, lambda: layer.lora_magnitude_vector.mul_(1.5),
+                       lambda: layer.lora_B.add_(0.2), lambda: layer.weight.mul_(0.9)):
+            change()
+            want = F.linear(x, _formula_linear(layer), layer.bias)
+            assert (model(x) - want).abs().max().item() < 1e-5
+            assert (model(x.double().float()) - want).abs().max().item() < 1e-5  # cache hit
