@@ -26,7 +26,8 @@ from .errors import AlreadyInjectedError, TargetNotFoundError, UnsupportedParame
 from .layers import LoraLayer
 from .layers.param import LoraParameter, param_pair_shapes
 
-__all__ = ["ParamMatch", "build", "install", "param_key", "peft_path", "resolve_parameters", "take_from_file"]
+__all__ = ["ParamMatch", "build", "install", "param_key", "peft_path", "refuse_named_parameters", "resolve_parameters",
+           "take_from_file"]
 
 
 @dataclass
@@ -98,6 +99,14 @@ def resolve_parameters(model: nn.Module, config: LoraConfig, module_targets: tup
                                               n=4, cutoff=0.3) for t in missing}
         raise TargetNotFoundError(f"target_parameters {missing} match no parameter of the model; closest: {hints}")
     return found
+
+
+def refuse_named_parameters(config: LoraConfig, what: str) -> None:
+    """Named adapters (``add_adapter``, ``load_adapter(name=)``) keep no pairs for parameter targets yet."""
+    if config.target_parameters:
+        raise UnsupportedParameterError(
+            f"{what}: target_parameters {list(config.target_parameters)} are supported for the model's first "
+            "adapter (inject / load_adapter without name=), not for named adapters yet")
 
 
 def build(matches: list[ParamMatch], config: LoraConfig) -> list[tuple[str, LoraParameter]]:

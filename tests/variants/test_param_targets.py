@@ -72,18 +72,43 @@ def _randomize(model: nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-def _qwen3_moe() -> nn.Module:
+def _tiny_moe(kind: str) -> nn.Module:
+    """A 2-layer MoE built from a transformers config: Qwen3-MoE (E, out, in) or GPT-OSS (E, in, out)."""
     tr = pytest.importorskip("transformers")
-    if not hasattr(tr, "Qwen3MoeConfig"):
-        pytest.skip("this transformers has no Qwen3-MoE")
-    cfg = tr.Qwen3MoeConfig(vocab_size=50, hidden_size=12, intermediate_size=20, moe_intermediate_size=8,
-                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=6,
-                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    common = dict(vocab_size=50, hidden_size=12, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=6, num_experts_per_tok=2, max_position_embeddings=32)
+    if kind == "qwen3_moe":
+        if not hasattr(tr, "Qwen3MoeConfig"):
+            pytest.skip("this transformers has no Qwen3-MoE")
+        cfg = tr.Qwen3MoeConfig(intermediate_size=20, moe_intermediate_size=8, num_experts=4, **common)
+    else:
+        if not hasattr(tr, "GptOssConfig"):
+            pytest.skip("this transformers has no GPT-OSS")
+        cfg = tr.GptOssConfig(intermediate_size=8, num_local_experts=4, layer_types=["full_attention"] * 2, **common)
     torch.manual_seed(0)
     model = tr.AutoModelForCausalLM.from_config(cfg).eval()
-    if tuple(model.model.layers[0].mlp.experts.gate_up_proj.shape) != (4, 16, 12):
-        pytest.skip("this transformers does not fuse the Qwen3-MoE experts into one tensor")
+    experts = model.model.layers[0].mlp.experts
+    want = (4, 12, 16) if kind == "gpt_oss" else (4, 16, 12)
+    if tuple(getattr(experts, "gate_up_proj", torch.empty(0)).shape) != want:
+        pytest.skip(f"this transformers does not fuse the {kind} experts into one tensor")
+    assert bool(getattr(experts, "is_transposed", False)) == (kind == "gpt_oss")
     return model
+
+
+def _file(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _peft_wrappers(pm: nn.Module) -> dict[str, nn.Module]:
+    """PEFT's ParamWrappers by the full name of the parameter they adapt."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out = {}
+    for name, m in pm.named_modules():
+        if isinstance(m, ParamWrapper):
+            owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            out[f"{owner}.{m.parameter_name}"] = m
+    return out
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -123,7 +148,8 @@ def test_lorakit_to_peft_and_back(transposed: bool, tmp_path) -> None:
     torch.manual_seed(0)
     base, x = _Moe(transposed), torch.randn(7, H)
     model = lorakit.inject(copy.deepcopy(base), LoraConfig(r=2, alpha=6, target_parameters=[*BOTH, "head.weight"],
-                                                           rank_pattern={"experts.down_proj": 3}))
+                                                           rank_pattern={"experts.down_proj": 3},
+                                                           use_rslora=transposed))  # rsLoRA in one case
     _randomize(model)
     y = model(x)
     lorakit.save_adapter(model, tmp_path / "lk")
@@ -140,17 +166,28 @@ def test_lorakit_to_peft_and_back(transposed: bool, tmp_path) -> None:
     }
     conf = json.loads((tmp_path / "lk" / "adapter_config.json").read_text())
     assert conf["target_modules"] == [] and conf["rank_pattern"] == {"experts.down_proj": 3}
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lk").eval()
-    with torch.no_grad():
-        yp = pm(x)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lk", is_trainable=True)
+    yp = pm(x)
     torch.testing.assert_close(yp, y, rtol=0, atol=1e-6)
+    y.square().sum().backward()
+    yp.square().sum().backward()
+    wrappers = _peft_wrappers(pm)
+    for key, w in wrappers.items():  # one training step's gradients agree with PEFT's
+        owner, _, pname = key.rpartition(".")
+        lay = model.get_submodule(f"{owner}.lora_{pname}")
+        for ours, theirs in ((lay.lora_A, w.lora_A["default"].weight), (lay.lora_B, w.lora_B["default"].weight)):
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)  # fp32 sum order
+    assert len(wrappers) == 3
     pm.save_pretrained(tmp_path / "peft")
+    ours, theirs = _file(tmp_path / "lk"), _file(tmp_path / "peft")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     back = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(back(x), y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(back(x), y.detach(), rtol=0, atol=1e-6)
 
 
-def test_peft_to_lorakit_qwen3_moe(tmp_path) -> None:
-    base = _qwen3_moe()
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_peft_to_lorakit_real_moe(kind: str, tmp_path) -> None:
+    base = _tiny_moe(kind)
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
     pc = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False,
                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -158,21 +195,33 @@ def test_peft_to_lorakit_qwen3_moe(tmp_path) -> None:
     with torch.no_grad():
         yp = pm(ids).logits
         y0 = base(ids).logits
-    pm.save_pretrained(tmp_path)
-    model = lorakit.load_adapter(copy.deepcopy(base), tmp_path)
+    pm.save_pretrained(tmp_path / "peft")
+    model = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    layers = {n.replace(".lora_", "."): m for n, m in model.named_modules()
+              if isinstance(m, lorakit.layers.param.LoraParameter)}
+    wrappers = _peft_wrappers(pm)
+    assert sorted(layers) == sorted(wrappers) and len(layers) == 4
     with torch.no_grad():
+        for key, lay in layers.items():  # the same update, parameter by parameter (PEFT's own delta)
+            torch.testing.assert_close(lay.delta_weight(), wrappers[key].get_delta_weight("default"),
+                                       rtol=0, atol=1e-6)
         y = model(ids).logits
         torch.testing.assert_close(y, yp, rtol=0, atol=1e-5)
         assert (yp - y0).abs().max() > 1e-2
         lorakit.merge(model)  # exact merge: fp32 sum, one rounding; unmerge gives W0's bits back
         torch.testing.assert_close(model(ids).logits, yp, rtol=0, atol=1e-5)
-        lay = model.model.layers[1].mlp.experts.lora_down_proj
-        w0 = base.model.layers[1].mlp.experts.down_proj
-        assert torch.equal(model.model.layers[1].mlp.experts.down_proj, (w0.float() + lay.delta_weight()).to(w0.dtype))
-        assert torch.equal(model.state_dict()["model.layers.1.mlp.experts.down_proj"], w0)  # a merged layer saves W0
+        merged_peft = copy.deepcopy(pm).merge_and_unload()
+        for key, lay in layers.items():
+            w0, w = base.get_parameter(key), model.get_parameter(key)
+            assert torch.equal(w, (w0.float() + lay.delta_weight()).to(w0.dtype))
+            torch.testing.assert_close(w, merged_peft.get_parameter(key), rtol=0, atol=1e-6)
+            assert torch.equal(model.state_dict()[key], w0)  # a merged layer saves W0
         lorakit.unmerge(model)
         assert all(torch.equal(p, base.get_parameter(n)) for n, p in model.named_parameters() if "lora" not in n)
     lorakit.save_adapter(model, tmp_path / "lk")
+    ours, theirs = _file(tmp_path / "lk"), _file(tmp_path / "peft")
+    assert sorted(ours) == sorted(theirs)  # PEFT's keys, shapes and values, bit for bit
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lk").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, yp, rtol=0, atol=1e-5)

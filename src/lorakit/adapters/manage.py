@@ -26,6 +26,7 @@ from ..inject import (
 )
 from ..layers import ConvLoRA, Embedding, LoraLayer, MergedLinear, _InjectedConv
 from ..layers import Linear as LoraLinear
+from ..param_targets import refuse_named_parameters
 from ..variants.base import refuse_named
 from .registry import (
     _ABSENT,
@@ -160,6 +161,7 @@ def _exact(specs: dict[str, LayerSpec],
 def _stage(model: nn.Module, name: str, config: LoraConfig, init: bool,
            exact: tuple[dict[str, LayerSpec], dict[str, nn.Module]] | None = None) -> _Staged:
     refuse_named(model, config, f"adapter {name!r}")  # DoRA / LoRA bias: the first adapter only, for now
+    refuse_named_parameters(config, f"adapter {name!r}")  # target_parameters: the first adapter only, for now
     staged = _Staged(name, config, {}, {})
     found = _exact(*exact) if exact is not None else _match(model, config)
     for mod_name, m, spec in found:
