@@ -27,6 +27,7 @@ from lorakit.train.data import TaskSpec, eval_digest, get_task, load_task_data, 
 from lorakit.train.errors import DataError, TrainConfigError
 from lorakit.train.evaluate import autocast, evaluate, loss_sum, model_inputs
 from lorakit.train.finish import finish_run
+from lorakit.train.lm_loss import lm_train_loss_sum, supports_chunked_loss
 from lorakit.train.memory import PhasePeaks
 from lorakit.train.methods import apply_method
 from lorakit.train.models import load_model, load_tokenizer, resolve
@@ -205,6 +206,8 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
             )
+        # DDP / FSDP need their wrapper's forward, so the chunked LM loss is for a single unwrapped model
+        lm_chunked = self.spec.kind == "generation" and wrapped is model and supports_chunked_loss(model)
         self.peaks = PhasePeaks("train")
         t0 = time.perf_counter()
         win_t, win_n = time.perf_counter(), 0
@@ -218,9 +221,14 @@ class Trainer:
                 batch = collate([self.train_feats[i] for i in idx], self.pad_id)
                 sync = nullcontext() if (not ctx.enabled or k == len(micro) - 1) else wrapped.no_sync()
                 with sync:
+                    labels = batch["labels"].to(device)
                     with autocast(device, bf16):
-                        logits = wrapped(**model_inputs(batch, device)).logits
-                    loss = loss_sum(logits, batch["labels"].to(device), self.spec.kind, c.label_smoothing)
+                        if lm_chunked:  # no full-vocabulary logits kept for backward (#19 section 6)
+                            loss = lm_train_loss_sum(model, model_inputs(batch, device), labels, c.label_smoothing)
+                        else:
+                            logits = wrapped(**model_inputs(batch, device)).logits
+                    if not lm_chunked:
+                        loss = loss_sum(logits, labels, self.spec.kind, c.label_smoothing)
                     (loss * (ctx.world_size / units)).backward()
                 acc += loss.detach()
             step_loss = float(dd.all_sum(ctx, acc)) / units
