@@ -30,9 +30,11 @@ from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
     AdapterNotFoundError,
+    AlreadyInjectedError,
     LoraConfigError,
     LoraError,
     TargetNotFoundError,
+    UnsupportedModuleError,
 )
 from .inject import _set_module, apply_trainable, build_layers, lora_layers, resolve
 from .layers import Embedding, LoraLayer, MergedLinear
@@ -197,7 +199,10 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
     problem is reported at once. Named adapters and loralib ``.pt`` files: :func:`lorakit.load_adapter`."""
     config, tensors = read_adapter(path, allow_nonfinite=allow_nonfinite)
     problems: list[str] = []
-    params = _params.take_from_file(model, config, tensors, PREFIX, problems)  # pops target_parameters' keys
+    try:
+        params = _params.take_from_file(model, config, tensors, PREFIX, problems)  # pops target_parameters' keys
+    except (TargetNotFoundError, UnsupportedModuleError, AlreadyInjectedError) as e:
+        raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
     token_rows = {split_key(k)[0].removesuffix("." + _tokens.PEFT_SUFFIX): tensors.pop(k)
                   for k in [k for k in tensors if k.endswith(_tokens.PEFT_SUFFIX)]}
     per_module: dict[str, dict[str, Tensor]] = {}

@@ -162,15 +162,12 @@ def take_from_file(model: nn.Module, config: LoraConfig, tensors: dict[str, Tens
     """Pop the parameter targets' tensors out of a file's ``tensors`` and check them against the model.
 
     Returns ``{parameter name: (layer, is_new, A, B)}``; new layers are built but not installed.
-    Problems (missing or misshapen tensors, unmatched entries) are appended to ``problems``.
+    Problems (missing or misshapen tensors) are appended to ``problems``; an entry that matches no
+    adaptable parameter raises :func:`resolve_parameters`'s error.
     """
     if not config.target_parameters:
         return {}
-    try:
-        matches = resolve_parameters(model, config, allow_existing=True)
-    except (TargetNotFoundError, UnsupportedParameterError, AlreadyInjectedError) as e:
-        problems.append(f"target_parameters: {e}")
-        return {}
+    matches = resolve_parameters(model, config, allow_existing=True)  # the caller reports its errors
     by_owner: dict[int, set[str]] = {}
     for m in matches:
         by_owner.setdefault(id(m.owner), set()).add(m.param_name)
@@ -178,12 +175,13 @@ def take_from_file(model: nn.Module, config: LoraConfig, tensors: dict[str, Tens
     for m in matches:
         path = peft_path(m.owner_name, m.owner, m.param_name, by_owner[id(m.owner)])
         a, b = _tensor(tensors, prefix, path, "A"), _tensor(tensors, prefix, path, "B")
+        for found in (a, b):  # taken even when its partner is missing: it is no module's tensor
+            if found is not None:
+                tensors.pop(found[0])
         if a is None or b is None:
             problems.append(f"{m.key}: no {prefix}{path}.lora_A.weight / lora_B.weight in the file "
                             "(PEFT's key for this parameter)")
             continue
-        tensors.pop(a[0])
-        tensors.pop(b[0])
         layer = m.owner._modules.get("lora_" + m.param_name)
         is_new = not isinstance(layer, LoraParameter)
         if is_new:

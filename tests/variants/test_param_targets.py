@@ -271,12 +271,15 @@ def _snapshot(model: nn.Module) -> tuple:
     (["proj.bias"], UnsupportedParameterError, r"proj\.bias.*shape \(6,\)"),  # 1-D
     (["experts.gate_up_proj", "odd.codes"], UnsupportedParameterError, r"odd\.codes.*torch\.int8"),  # non-float
     (["odd.big"], UnsupportedParameterError, r"odd\.big.*shape \(2, 2, 2, 2\)"),  # 4-D
+    (["scale"], UnsupportedParameterError, r"'scale' is registered on the top-level model"),
+    (["experts.down_proj", "experts.lora_down_proj"], TargetNotFoundError, "experts.lora_down_proj"),
 ])
 def test_bad_parameters_leave_the_model_unchanged(targets, error, words) -> None:
     model = _Moe()
     model.odd = nn.Module()
     model.odd.codes = nn.Parameter(torch.zeros(3, 4, dtype=torch.int8), requires_grad=False)
     model.odd.big = nn.Parameter(torch.zeros(2, 2, 2, 2))
+    model.scale = nn.Parameter(torch.ones(3, 3))
     before = _snapshot(model)
     with pytest.raises(error, match=words):
         lorakit.inject(model, LoraConfig(r=2, target_parameters=targets))
@@ -284,6 +287,42 @@ def test_bad_parameters_leave_the_model_unchanged(targets, error, words) -> None
     assert before[0] == after[0] and before[2:] == after[2:]
     assert all(torch.equal(v, after[1][k]) for k, v in before[1].items())
     assert not hasattr(model, "_lorakit_requires_grad")
+
+
+def test_parameter_of_an_adapted_module_or_twice_is_refused() -> None:
+    model = _Moe()
+    before = _snapshot(model)
+    with pytest.raises(lorakit.errors.AlreadyInjectedError, match=r"'proj\.weight' belongs to the LoRA-adapted module"):
+        lorakit.inject(model, LoraConfig(r=2, targets=["proj"], target_parameters=["proj.weight"]))
+    assert before[0] == _snapshot(model)[0] and before[2:] == _snapshot(model)[2:]
+    lorakit.inject(model, LoraConfig(r=2, target_parameters=BOTH))
+    with pytest.raises(lorakit.errors.AlreadyInjectedError, match=r"experts\.gate_up_proj.*already has LoRA"):
+        lorakit.inject(model, LoraConfig(r=2, target_parameters=["experts.gate_up_proj"]))
+    clash = _Moe()
+    clash.experts.lora_down_proj = nn.Identity()  # where the LoRA layer would go
+    with pytest.raises(UnsupportedParameterError, match="attribute 'lora_down_proj'"):
+        lorakit.inject(clash, LoraConfig(r=2, target_parameters=BOTH))
+
+
+def test_file_missing_a_parameter_or_naming_an_absent_one_is_refused(tmp_path) -> None:
+    torch.manual_seed(0)
+    lorakit.save_adapter(lorakit.inject(_Moe(), LoraConfig(r=2, target_parameters=BOTH)), tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    del tensors["base_model.model.experts.lora_B.weight"]
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(f))
+    model = _Moe()
+    before = _snapshot(model)
+    with pytest.raises(lorakit.errors.AdapterMismatchError,
+                       match=r"experts\.down_proj: no base_model\.model\.experts\.lora_A\.weight / lora_B"):
+        lorakit.load_adapter(model, tmp_path)
+    other = nn.Sequential(nn.Linear(H, H))
+    with pytest.raises(lorakit.errors.AdapterMismatchError, match=r"target_parameters.*match no parameter"):
+        lorakit.load_adapter(other, tmp_path)
+    assert before[0] == _snapshot(model)[0] and before[2:] == _snapshot(model)[2:]
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in other.modules())
 
 
 def test_mismatched_file_is_refused_before_any_change(tmp_path) -> None:
@@ -297,3 +336,48 @@ def test_mismatched_file_is_refused_before_any_change(tmp_path) -> None:
                        match=r"experts\.gate_up_proj\.lora_A: shape \(6, 6\) in the file, the model needs \(8, 6\)"):
         lorakit.load_adapter(other, tmp_path)
     assert before[0] == _snapshot(other)[0] and before[2:] == _snapshot(other)[2:]
+
+
+def test_bf16_merge_is_one_rounding_and_unmerge_bit_exact() -> None:
+    torch.manual_seed(0)
+    base, x = _Moe().to(torch.bfloat16), torch.randn(5, H, dtype=torch.bfloat16)
+    model = lorakit.inject(copy.deepcopy(base), LoraConfig(r=2, alpha=4, target_parameters=BOTH))
+    lay = model.experts.lora_gate_up_proj
+    assert lay.lora_A.dtype == torch.float32  # fp32 factors on a half-precision base
+    _randomize(model)
+    with torch.no_grad():
+        y = model(x)
+        lorakit.merge(model)
+        for pname in ("gate_up_proj", "down_proj"):
+            w0 = getattr(base.experts, pname)
+            delta = getattr(model.experts, "lora_" + pname).delta_weight()
+            assert torch.equal(getattr(model.experts, pname), (w0.float() + delta).to(torch.bfloat16))
+        torch.testing.assert_close(model(x), y, rtol=2e-2, atol=2e-2)
+        lorakit.unmerge(model)
+        assert torch.equal(model.experts.gate_up_proj, base.experts.gate_up_proj)
+        assert torch.equal(model(x), y)
+
+
+def test_named_adapters_beside_parameter_targets(tmp_path) -> None:
+    torch.manual_seed(0)
+    base, x = _Moe(), torch.randn(5, H)
+    model = lorakit.inject(copy.deepcopy(base), LoraConfig(r=2, alpha=4, target_parameters=BOTH))
+    _randomize(model)
+    lorakit.save_adapter(model, tmp_path)
+    y = model(x)
+    with pytest.raises(UnsupportedParameterError, match=r"adapter 'p'.*target_parameters.*not for named adapters"):
+        lorakit.add_adapter(model, "p", LoraConfig(r=2, target_parameters=BOTH))
+    with pytest.raises(lorakit.errors.AdapterMismatchError, match="target_parameters.*not for named adapters"):
+        lorakit.load_adapter(model, tmp_path, name="q")
+    assert lorakit.list_adapters(model) == ["default"]
+    lorakit.add_adapter(model, "b", LoraConfig(r=2, targets=["proj"], init="random"))  # a module adapter: fine
+    lorakit.set_adapter(model, "b")  # the parameter layers have no "b": they act as the base
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        ref.proj.weight += model.proj.lora_B @ model.proj.lora_A * model.proj.scaling
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    lorakit.set_adapter(model, "default")
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+    with pytest.raises(lorakit.errors.MixedBatchError, match="LoraParameter"):
+        with lorakit.batch_adapters(model, ["default", "b", "default", "b", "b"]):
+            model(x)
