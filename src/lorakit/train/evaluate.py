@@ -13,6 +13,7 @@ from lorakit.train import metrics
 from lorakit.train.batching import IGNORE, Feature, collate, format_prompt, prompt_ids
 from lorakit.train.data import MRGroup, TaskSpec
 from lorakit.train.e2e_metrics import e2e_scores
+from lorakit.train.lm_loss import CHUNK_ROWS, head_loss_sum, lm_parts
 from lorakit.train.memory import generation_batch_size
 
 
@@ -58,37 +59,15 @@ def loss_sum(
     return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
 
 
-def _lm_parts(model: Any) -> tuple[Any, Any] | None:
-    """(decoder body, output head) of a plain causal LM, or None where logits need the model's own forward
-    (logit soft-capping or scaling, or no ``get_decoder``)."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
-    get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
-    if get_dec is None or get_head is None:
-        return None
-    body, head = get_dec(), get_head()
-    return (body, head) if body is not None and head is not None else None
-
-
 def lm_loss_sum_chunked(
-    model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk_rows: int = 256
+    model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk_rows: int = CHUNK_ROWS
 ) -> torch.Tensor:
     """Summed next-token loss of a causal LM without its full (batch, length, vocab) logits: the head runs
     only on positions that have a target, ``chunk_rows`` of them at a time. Equals :func:`loss_sum`."""
-    parts = _lm_parts(model)
+    parts = lm_parts(model)
     if parts is None:
         return loss_sum(model(**inputs).logits, labels, "generation")
-    body, head = parts
-    hidden = body(**inputs).last_hidden_state[:, :-1]
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    rows, tgt = hidden[keep], target[keep]
-    total = torch.zeros((), device=hidden.device)
-    for i in range(0, rows.size(0), chunk_rows):
-        logits = head(rows[i : i + chunk_rows]).float()
-        total = total + F.cross_entropy(logits, tgt[i : i + chunk_rows], reduction="sum")
-    return total
+    return head_loss_sum(parts, inputs, labels, chunk_rows=chunk_rows)
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:

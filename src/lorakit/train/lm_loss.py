@@ -17,18 +17,54 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.train.batching import IGNORE
-from lorakit.train.evaluate import _lm_parts
 
 CHUNK_ROWS = 256
 
 
+def lm_parts(model: Any) -> tuple[Any, Any] | None:
+    """(decoder body, output head) of a plain causal LM, or None where logits need the model's own forward
+    (logit soft-capping or scaling, or no ``get_decoder``)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_dec is None or get_head is None:
+        return None
+    body, head = get_dec(), get_head()
+    return (body, head) if body is not None and head is not None else None
+
+
 def supports_chunked_loss(model: Any) -> bool:
     """Whether :func:`lm_train_loss_sum` applies (a plain causal LM: body + head, no logit soft-capping)."""
-    return _lm_parts(model) is not None
+    return lm_parts(model) is not None
 
 
 def _chunk_loss(head: Any, rows: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     return F.cross_entropy(head(rows).float(), target, reduction="sum", label_smoothing=label_smoothing)
+
+
+def head_loss_sum(
+    parts: tuple[Any, Any],
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    chunk_rows: int = CHUNK_ROWS,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """Summed next-token loss: the body to hidden states, the head + cross-entropy on the target rows only,
+    ``chunk_rows`` at a time; with ``recompute`` each chunk runs under ``checkpoint`` (logits freed, redone
+    in backward). An empty batch still runs one (empty) chunk, so the loss keeps a grad_fn."""
+    body, head = parts
+    hidden = body(**inputs).last_hidden_state[:, :-1]
+    target = labels[:, 1:].to(hidden.device)
+    keep = target != IGNORE
+    rows, tgt = hidden[keep], target[keep]
+    chunks = []
+    for i in range(0, max(rows.size(0), 1), chunk_rows):
+        args = (head, rows[i : i + chunk_rows], tgt[i : i + chunk_rows], label_smoothing)
+        chunks.append(checkpoint(_chunk_loss, *args, use_reentrant=False) if recompute else _chunk_loss(*args))
+    return torch.stack(chunks).sum()
 
 
 def lm_train_loss_sum(
@@ -39,7 +75,7 @@ def lm_train_loss_sum(
     chunk_rows: int = CHUNK_ROWS,
 ) -> torch.Tensor:
     """Summed next-token loss with gradients, the head applied per checkpointed chunk of target rows."""
-    parts = _lm_parts(model)
+    parts = lm_parts(model)
     if parts is None:
         raise ValueError(
             f"lm_loss: {type(model).__name__} has no plain decoder body + output head "
@@ -47,18 +83,5 @@ def lm_train_loss_sum(
         )
     if chunk_rows < 1:
         raise ValueError(f"lm_loss: chunk_rows must be >= 1, got {chunk_rows}")
-    body, head = parts
-    hidden = body(**inputs).last_hidden_state[:, :-1]
-    target = labels[:, 1:].to(hidden.device)
-    keep = target != IGNORE
-    rows, tgt = hidden[keep], target[keep]
-    n = rows.size(0)
-    # an empty batch still runs one (empty) chunk so the loss keeps a grad_fn, as cross_entropy's does
-    chunks = [
-        checkpoint(
-            _chunk_loss, head, rows[i : i + chunk_rows], tgt[i : i + chunk_rows], label_smoothing,
-            use_reentrant=False,
-        )
-        for i in range(0, max(n, 1), chunk_rows)
-    ]
-    return torch.stack(chunks).sum()
+    return head_loss_sum(parts, inputs, labels, label_smoothing=label_smoothing, chunk_rows=chunk_rows,
+                         recompute=True)
