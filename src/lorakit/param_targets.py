@@ -26,7 +26,7 @@ from .errors import AlreadyInjectedError, TargetNotFoundError, UnsupportedParame
 from .layers import LoraLayer
 from .layers.param import LoraParameter, param_pair_shapes
 
-__all__ = ["ParamMatch", "build", "install", "param_key", "peft_path", "refuse_named_parameters", "resolve_parameters",
+__all__ = ["ParamMatch", "build", "install", "layer_for", "param_key", "peft_path", "read_pairs", "resolve_parameters",
            "take_from_file"]
 
 
@@ -101,14 +101,6 @@ def resolve_parameters(model: nn.Module, config: LoraConfig, module_targets: tup
     return found
 
 
-def refuse_named_parameters(config: LoraConfig, what: str) -> None:
-    """Named adapters (``add_adapter``, ``load_adapter(name=)``) keep no pairs for parameter targets yet."""
-    if config.target_parameters:
-        raise UnsupportedParameterError(
-            f"{what}: target_parameters {list(config.target_parameters)} are supported for the model's first "
-            "adapter (inject / load_adapter without name=), not for named adapters yet")
-
-
 def build(matches: list[ParamMatch], config: LoraConfig) -> list[tuple[str, LoraParameter]]:
     """The layers for ``matches`` (not installed), named ``<owner>.lora_<param>``."""
     out = []
@@ -139,9 +131,10 @@ def _depth(owner: nn.Module, param_name: str, adapted: set[str]) -> int:
 
 def peft_path(owner_name: str, owner: nn.Module, param_name: str, adapted: set[str] | None = None) -> str:
     """PEFT's module path for the LoRA of ``owner.<param_name>`` (``adapted``: the owner's adapted
-    parameters; default: those with an installed layer)."""
+    parameters; default: those whose installed layer has the selected adapter)."""
     if adapted is None:
-        adapted = {n for n in owner._parameters if isinstance(owner._modules.get("lora_" + n), LoraParameter)}
+        adapted = {n for n in owner._parameters if isinstance(lay := owner._modules.get("lora_" + n), LoraParameter)
+                   and lay.has_lora}  # a named adapter's file: the parameters that adapter adapts
     return owner_name + ".base_layer" * _depth(owner, param_name, adapted)
 
 
@@ -157,21 +150,20 @@ def _tensor(tensors: dict[str, Tensor], prefix: str, path: str, which: str) -> t
     return None
 
 
-def take_from_file(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], prefix: str,
-                   problems: list[str]) -> dict[str, tuple[LoraParameter, bool, Tensor, Tensor]]:
-    """Pop the parameter targets' tensors out of a file's ``tensors`` and check them against the model.
+def read_pairs(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], prefix: str,
+               problems: list[str]) -> list[tuple[ParamMatch, Tensor, Tensor]]:
+    """Pop the parameter targets' A and B out of a file's ``tensors``, checked against ``config``'s ranks.
 
-    Returns ``{parameter name: (layer, is_new, A, B)}``; new layers are built but not installed.
     Problems (missing or misshapen tensors) are appended to ``problems``; an entry that matches no
-    adaptable parameter raises :func:`resolve_parameters`'s error.
+    adaptable parameter raises :func:`resolve_parameters`'s error. The model is not touched.
     """
     if not config.target_parameters:
-        return {}
+        return []
     matches = resolve_parameters(model, config, allow_existing=True)  # the caller reports its errors
     by_owner: dict[int, set[str]] = {}
     for m in matches:
         by_owner.setdefault(id(m.owner), set()).add(m.param_name)
-    out: dict[str, tuple[LoraParameter, bool, Tensor, Tensor]] = {}
+    out = []
     for m in matches:
         path = peft_path(m.owner_name, m.owner, m.param_name, by_owner[id(m.owner)])
         a, b = _tensor(tensors, prefix, path, "A"), _tensor(tensors, prefix, path, "B")
@@ -182,18 +174,43 @@ def take_from_file(model: nn.Module, config: LoraConfig, tensors: dict[str, Tens
             problems.append(f"{m.key}: no {prefix}{path}.lora_A.weight / lora_B.weight in the file "
                             "(PEFT's key for this parameter)")
             continue
-        layer = m.owner._modules.get("lora_" + m.param_name)
-        is_new = not isinstance(layer, LoraParameter)
-        if is_new:
-            layer = LoraParameter.from_parameter(m.owner, m.param_name, m.r, m.alpha, use_rslora=config.use_rslora,
-                                                 where=m.key)
-        a_shape, b_shape = param_pair_shapes(tuple(layer._weight_param().shape), layer.r, layer.transposed)
+        w = m.owner._parameters[m.param_name]
+        transposed = w.dim() == 3 and bool(getattr(m.owner, "is_transposed", False))
+        a_shape, b_shape = param_pair_shapes(tuple(w.shape), m.r, transposed)
+        ok = True
         for which, t, want in (("lora_A", a[1], a_shape), ("lora_B", b[1], b_shape)):
             if tuple(t.shape) != want:
                 problems.append(f"{m.key}.{which}: shape {tuple(t.shape)} in the file, the model needs {want}")
+                ok = False
             elif not t.is_floating_point():
                 problems.append(f"{m.key}.{which}: dtype {t.dtype} is not a floating-point type")
-        out[m.key] = (layer, is_new, a[1], b[1])
+                ok = False
+        if ok:
+            out.append((m, a[1], b[1]))
+    return out
+
+
+def layer_for(m: ParamMatch, config: LoraConfig) -> tuple[LoraParameter, bool]:
+    """The parameter's installed layer, or a new one (built, not installed): ``(layer, is_new)``."""
+    layer = m.owner._modules.get("lora_" + m.param_name)
+    if isinstance(layer, LoraParameter):
+        return layer, False
+    return LoraParameter.from_parameter(m.owner, m.param_name, m.r, m.alpha, use_rslora=config.use_rslora,
+                                        where=m.key), True
+
+
+def take_from_file(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], prefix: str,
+                   problems: list[str]) -> dict[str, tuple[LoraParameter, bool, Tensor, Tensor]]:
+    """:func:`read_pairs` for the model's first adapter: ``{parameter name: (layer, is_new, A, B)}``;
+    new layers are built but not installed, an installed one must have the file's shapes."""
+    out: dict[str, tuple[LoraParameter, bool, Tensor, Tensor]] = {}
+    for m, a, b in read_pairs(model, config, tensors, prefix, problems):
+        layer, is_new = layer_for(m, config)
+        if not is_new and (layer.lora_A is None or tuple(layer.lora_A.shape) != tuple(a.shape)):
+            have = None if layer.lora_A is None else tuple(layer.lora_A.shape)
+            problems.append(f"{m.key}.lora_A: shape {tuple(a.shape)} in the file, the installed layer has {have}")
+            continue
+        out[m.key] = (layer, is_new, a, b)
     return out
 
 

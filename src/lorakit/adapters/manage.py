@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from .. import param_targets as _params
 from ..checks import require_config, takes_model
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import (
@@ -26,7 +27,7 @@ from ..inject import (
 )
 from ..layers import ConvLoRA, Embedding, LoraLayer, MergedLinear, _InjectedConv
 from ..layers import Linear as LoraLinear
-from ..param_targets import refuse_named_parameters
+from ..layers.param import LoraParameter, param_pair_shapes
 from ..variants.base import refuse_named
 from .registry import (
     _ABSENT,
@@ -45,6 +46,8 @@ __all__ = ["add_adapter", "delete_adapter"]
 
 
 def _pair_shapes(layer: LoraLayer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if isinstance(layer, LoraParameter):  # target_parameters: PEFT's (r*E, a) / (b, r*E)
+        return param_pair_shapes(tuple(layer._weight_param().shape), r, layer.transposed)
     if isinstance(layer, MergedLinear):
         return layer._lora_shapes(r, layer.in_features, layer.out_features)
     if isinstance(layer, LoraLinear):
@@ -159,11 +162,25 @@ def _exact(specs: dict[str, LayerSpec],
 
 
 def _stage(model: nn.Module, name: str, config: LoraConfig, init: bool,
-           exact: tuple[dict[str, LayerSpec], dict[str, nn.Module]] | None = None) -> _Staged:
+           exact: tuple[dict[str, LayerSpec], dict[str, nn.Module]] | None = None,
+           params: list[tuple[_params.ParamMatch, Tensor, Tensor]] | None = None) -> _Staged:
+    """``params``: a file's target_parameters pairs (:func:`lorakit.param_targets.read_pairs`)."""
     refuse_named(model, config, f"adapter {name!r}")  # DoRA / LoRA bias: the first adapter only, for now
-    refuse_named_parameters(config, f"adapter {name!r}")  # target_parameters: the first adapter only, for now
     staged = _Staged(name, config, {}, {})
     found = _exact(*exact) if exact is not None else _match(model, config)
+    if params is None:
+        params = [(m, None, None) for m in _params.resolve_parameters(  # type: ignore[misc]
+            model, config, tuple(n for n, _, _ in found), allow_existing=True)]
+    for pm, a, b in params:  # target_parameters: a slot on the parameter's layer (a new layer if none)
+        layer, is_new = _params.layer_for(pm, config)
+        spec = LayerSpec(pm.r, pm.alpha, 0.0, config.use_rslora, config.init, None)
+        slot = _new_slot(layer, spec, None if a is None else (a, b))
+        if init:
+            _init_slot(layer, slot, spec.init)
+        mod_name = f"{pm.owner_name}.{layer.child_name}"
+        if is_new:
+            staged.wrap[mod_name] = layer
+        staged.slots[mod_name] = (layer, slot)
     for mod_name, m, spec in found:
         if isinstance(m, LoraLayer):
             layer = m
@@ -187,7 +204,10 @@ def _commit(model: nn.Module, reg: _Registry, staged: _Staged) -> None:
         layer.lora_B = None  # type: ignore[assignment]
         layer.__dict__["_lora_slots"] = {}
         layer.__dict__["_lora_sel"] = _ABSENT
-        _set_module(model, mod_name, layer)
+        if isinstance(layer, LoraParameter):
+            layer.install()  # registers itself on the parameter's owner
+        else:
+            _set_module(model, mod_name, layer)
     activate = not reg.active
     for layer, slot in staged.slots.values():
         if "lora_named_A" not in layer._modules:  # type: ignore[attr-defined]

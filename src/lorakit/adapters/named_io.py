@@ -14,11 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import formats
+from .. import param_targets as _params
 from ..checks import require_path, takes_model
 from ..config import LoraConfig
 from ..errors import (
     AdapterFormatError,
     AdapterMismatchError,
+    AlreadyInjectedError,
     LoraConfigError,
     TargetNotFoundError,
     UnsupportedModuleError,
@@ -102,15 +104,19 @@ def load_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | No
     reg = _registry(model)
     _check_new_name(reg, name)
     config, tensors = formats.read_adapter(path, allow_nonfinite=allow_nonfinite)
+    problems: list[str] = []
+    try:  # target_parameters: PEFT's nested base_layer keys, taken out first
+        params = _params.read_pairs(model, config, tensors, formats.PREFIX, problems)
+    except (TargetNotFoundError, UnsupportedModuleError, AlreadyInjectedError) as e:
+        raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
     per_module: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         mod, kind = formats._split_key(key)
         if not kind:
             raise AdapterFormatError(f"{path}: {key}: named adapters hold LoRA tensors only")
         per_module.setdefault(mod, {})[kind] = t
-    if not per_module:
+    if not per_module and not params and not problems:
         raise AdapterFormatError(f"{path}: holds no LoRA tensors")
-    problems: list[str] = []
     ranks: dict[str, int] = {}
     modules = dict(model.named_modules())
     for m, ts in per_module.items():
@@ -127,11 +133,13 @@ def load_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | No
     specs = {m: LayerSpec(r, config.alpha_for(m), config.dropout, config.use_rslora, config.init,
                           config.fused_for(m)) for m, r in ranks.items()}
     try:
-        staged = _stage(model, name, config, init=False, exact=(specs, modules))
+        staged = _stage(model, name, config, init=False, exact=(specs, modules), params=params)
     except (TargetNotFoundError, LoraConfigError, UnsupportedModuleError) as e:
         raise AdapterMismatchError(f"{path}: the adapter does not fit this model: {e}") from None
     values: dict[str, tuple[Tensor, Tensor]] = {}
     for m, (layer, slot) in staged.slots.items():
+        if m not in per_module:  # a parameter's slot: filled from the file by _stage
+            continue
         ts = per_module[m]
         a = ts.get("lora_A.weight", ts.get("lora_embedding_A"))
         b = ts.get("lora_B.weight", ts.get("lora_embedding_B"))

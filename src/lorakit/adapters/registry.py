@@ -82,13 +82,16 @@ class _Concat:
     ``sum_i s_i B_i A_i`` in its forward and merge; gradients reach every active adapter.
     """
 
-    def __init__(self, slots: Sequence[Slot]) -> None:
+    def __init__(self, slots: Sequence[Slot], experts: int = 1) -> None:
         self.slots = list(slots)
+        self.experts = experts  # a 3-D parameter's pairs (lorakit.layers.param): concatenated per expert
 
     def __getitem__(self, i: int) -> Tensor:
-        if i == 0:
-            return torch.cat([s.A for s in self.slots], 0)
-        return torch.cat([s.B * s.scaling for s in self.slots], 1)
+        e = self.experts
+        if i == 0:  # A (r*E, a), rows expert-major
+            return torch.cat([s.A.reshape(e, -1, s.A.shape[-1]) for s in self.slots], 1).flatten(0, 1)
+        # B (b, r*E), columns expert-minor
+        return torch.cat([(s.B * s.scaling).reshape(s.B.shape[0], -1, e) for s in self.slots], 1).flatten(1)
 
 
 def _slots(layer: LoraLayer) -> dict[str, Slot]:
@@ -118,7 +121,7 @@ def _point(layer: LoraLayer, names: Sequence[str]) -> None:
         d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = s.r, s.alpha, s.scaling, s.use_rslora
         layer._modules["lora_dropout"] = s.dropout  # type: ignore[attr-defined]
         return
-    d["_lora_sel"] = _Concat(present)
+    d["_lora_sel"] = _Concat(present, getattr(layer, "num_experts", 1))
     total = sum(s.r for s in present)
     d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = total, float(total), 1.0, False
     layer._modules["lora_dropout"] = present[0].dropout  # type: ignore[attr-defined]
