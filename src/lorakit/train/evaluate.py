@@ -141,11 +141,14 @@ def generate(
     template: bool = True,
     progress: bool = False,
     memory_mb: float | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Beam-search continuations of ``prompts`` (left-padded batches); returns the new text only.
     ``no_repeat_ngram_size`` counts the generated text only, never the prompt (:class:`OutputNoRepeatNGram`).
 
-    With ``memory_mb``, ``batch_size`` is lowered so that one call's KV cache and logits fit in it."""
+    With ``memory_mb``, ``batch_size`` is lowered so that one call's KV cache and logits fit in it.
+    ``synced``: every rank of an FSDP-sharded model decodes the same prompts in lockstep (transformers'
+    ``synced_gpus``: a rank that has finished keeps taking part in the others' forwards)."""
     if memory_mb:
         longest = max((len(prompt_ids(tokenizer, format_prompt(p) if template else p)) for p in prompts), default=0)
         batch_size = generation_batch_size(model, batch_size, num_beams, longest + max_new_tokens, memory_mb)
@@ -180,6 +183,7 @@ def generate(
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced,
             )
         for row in gen[:, width:]:
             outs.append(" ".join(tokenizer.decode(row, skip_special_tokens=True).split()))

@@ -11,7 +11,7 @@ import torch
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import fsdp, sharded_ckpt
 from lorakit.train.data import PAPER_METRIC
-from lorakit.train.evaluate import decoding, score_e2e
+from lorakit.train.evaluate import decoding, generate, score_e2e
 from lorakit.train.memory import PhasePeaks, peak_rss_mb
 from lorakit.train.methods import save_result
 from lorakit.train.runlog import plot_loss
@@ -40,10 +40,6 @@ def finish_run(
     """Save and score the trained model (rank 0); returns the results (empty on other ranks)."""
     c, ctx = t.cfg, t.ctx
     results: dict[str, Any] = {}
-    if c.fsdp:  # every rank gathers the (small) trainable tensors; rank 0 then saves as unsharded
-        fsdp.gather_trainables(t.model)
-    if not ctx.is_main:
-        return results
     meta = {
         "task": t.spec.name,
         "model": c.model,
@@ -53,19 +49,21 @@ def finish_run(
         "seed": c.seed,
         "max_len": c.max_len,
     }
-    saved = save_result(t.model, t.tokenizer, c.method, t.run_dir, meta)
-    if t.spec.kind == "generation":
-        groups = t.eval_raw[: c.gen_max_mrs] if c.gen_max_mrs else t.eval_raw
-        with t.peaks.phase("eval"):
-            gen, hyps = score_e2e(
-                t.model,
-                t.tokenizer,
-                groups,
-                **decoding(c),
-                device=ctx.device,
-                bf16=bf16,
-                progress=c.progress,
-            )
+    decoded, saved = None, None
+    if c.fsdp:  # every rank gathers the (small) trainable tensors; rank 0 saves as from an unsharded model
+        with fsdp.gathered(t.model):
+            saved = save_result(t.model, t.tokenizer, c.method, t.run_dir, meta) if ctx.is_main else None
+        if t.spec.kind == "generation":  # sharded: every rank takes part in each forward of the decoding
+            decoded = _decode(t, bf16, synced=ctx.enabled)
+        fsdp.gather_trainables(t.model)
+    if not ctx.is_main:
+        return results
+    if not c.fsdp:
+        saved = save_result(t.model, t.tokenizer, c.method, t.run_dir, meta)
+        if t.spec.kind == "generation":
+            decoded = _decode(t, bf16, synced=False)
+    if decoded is not None:
+        gen, hyps = decoded
         (t.run_dir / "generations.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
         final = {**final, **gen}
         t.log.append({"split": "generate", "step": step, **gen})
@@ -101,3 +99,17 @@ def finish_run(
     if c.fsdp:
         sharded_ckpt.cleanup(t.run_dir)
     return results
+
+
+def _decode(t: Trainer, bf16: bool, synced: bool) -> tuple[dict[str, float], list[str]] | None:
+    """The E2E dev MRs decoded and scored by rank 0; with ``synced`` (FSDP) the other ranks decode the same
+    MRs in lockstep, taking part in each sharded forward, and return None."""
+    c = t.cfg
+    groups = t.eval_raw[: c.gen_max_mrs] if c.gen_max_mrs else t.eval_raw
+    kw = {**decoding(c), "device": t.ctx.device, "bf16": bf16, "progress": c.progress and t.ctx.is_main,
+          "synced": synced}
+    with t.peaks.phase("eval"):
+        if not t.ctx.is_main:
+            generate(t.model, t.tokenizer, [g.mr for g in groups], **kw)
+            return None
+        return score_e2e(t.model, t.tokenizer, groups, **kw)

@@ -68,11 +68,6 @@ def check_launch(cfg: Any, env: dict[str, str] | None = None) -> None:
             "--fsdp with --method full: saving a fully fine-tuned sharded model is not implemented; "
             "use --method lora or head, or train --method full with DDP (without --fsdp)"
         )
-    if cfg.task == "e2e":
-        raise TrainConfigError(
-            "--fsdp with --task e2e: the final beam-search decoding runs on rank 0 alone, which FSDP "
-            "cannot do (every rank takes part in each forward); train e2e with DDP (without --fsdp)"
-        )
 
 
 # --- blocks ------------------------------------------------------------------------------------------

@@ -23,7 +23,11 @@ CHUNK_ROWS = 256
 
 def lm_parts(model: Any) -> tuple[Any, Any] | None:
     """(decoder body, output head) of a plain causal LM, or None where logits need the model's own forward
-    (logit soft-capping or scaling, or no ``get_decoder``)."""
+    (logit soft-capping or scaling, no ``get_decoder``, or an FSDP2-sharded model)."""
+    from lorakit.train.fsdp import is_sharded
+
+    if is_sharded(model):  # FSDP2 gathers the root's embeddings and head only inside the model's own forward
+        return None
     cfg = getattr(model, "config", None)
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
