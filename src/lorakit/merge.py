@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .checks import takes_model
-from .errors import UnsupportedModuleError
 from .inject import _set_module, forget_injection, lora_layers
 from .tokens import bake as _bake_tokens
 
@@ -48,7 +47,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     ``dtype`` (e.g. ``torch.bfloat16``): the adapted layers' weights become ``W0 + s B A`` computed
     in fp32 and rounded once into ``dtype``. A quantized base always gives plain float layers this
     way (W0 dequantized exactly; default dtype: the one it was quantized from) and its remaining
-    quantized layers are dequantized too.
+    quantized layers are dequantized too. Variants (DoRA, LoRA bias) merge with their own arithmetic
+    before that one rounding (:func:`lorakit.quant.merging.merged_plain`).
     """
     from .errors import ArgumentTypeError
     from .quant import merging as QM
@@ -58,11 +58,6 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         raise ArgumentTypeError(f"merge_and_unload: dtype must be a floating torch.dtype (e.g. torch.bfloat16) "
                                 f"or None, got {dtype!r}")
     QR.check_merge(model, "merge_and_unload")
-    for name, layer in lora_layers(model):  # a variant (DoRA, LoRA bias) merges through LoraLayer.merge only
-        variant = layer.__dict__.get("lora_variant")
-        if variant is not None and dtype is not None:
-            raise UnsupportedModuleError(f"merge_and_unload(dtype=): {name!r} has a {variant.describe()} adapter; "
-                                         "merge it in its own dtype (dtype=None), then cast the plain model")
     quantized = False
     for name, layer in list(lora_layers(model)):
         if dtype is not None or QM.is_quant_lora(layer):

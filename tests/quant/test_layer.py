@@ -307,19 +307,6 @@ def test_merging_onto_a_differently_quantized_base_is_refused(toy: Toy, tmp_path
     lorakit.merge(same)  # same quantization: fine
 
 
-def test_dora_on_a_quantized_base_is_refused_before_anything_changes(toy: Toy) -> None:
-    from lorakit.errors import LoraConfigError, UnsupportedModuleError
-
-    q = _quantized(toy)
-    try:
-        cfg = lorakit.LoraConfig(r=4, alpha=8, targets=TARGETS, use_dora=True)
-    except (TypeError, LoraConfigError):
-        pytest.skip("this LoraConfig has no use_dora")
-    with pytest.raises(UnsupportedModuleError, match="use_dora=True is not supported on a quantized base"):
-        lorakit.inject(q, cfg)
-    assert not list(lorakit.lora_layers(q))
-
-
 def test_a_model_loaded_quantized_by_transformers_injects_directly(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

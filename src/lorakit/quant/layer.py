@@ -60,39 +60,66 @@ class _QuantLoraMixin:
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         d = self.__dict__
-        q = d["_lora_original"][0]
         A, B = self.lora_A, self.lora_B  # the selected adapter (named adapters swap the pointer)
         params = d["_parameters"]
         bias = params["bias"] if "bias" in params else self.bias
-        cdt = QB.compute_dtype_of(q)
-        deq = _dequantizer(q)
         active = A is not None and not d["merged"] and not d["lora_disabled"] and d["r"] > 0
-        dropout = d["_modules"]["lora_dropout"]
-        p = FU._dropout_p(dropout) if active else 0.0
-        if active and (p is None or not self.lora_fused or not FU.is_enabled()):  # the plain reference
-            w = deq(cdt or x.dtype)
-            out = self._plain_quant_forward(x.to(w.dtype), w, bias, A, B)
+        variant = d.get("lora_variant") if active else None  # DoRA / LoRA bias (lorakit.quant.variants)
+        if variant is not None:
+            out = variant.forward(self, x, A, B)
         else:
-            slices = self._lora_slices or ((0, d["out_features"]),)
-            out = quant_lora_linear(x, bias, A if active else None, B if active else None, deq, cdt,
-                                    d["scaling"] if active else 0.0, p or 0.0, slices, id(A))
+            out = self._lora_forward(x, bias, A if active else None, B if active else None)
         if out.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             out = out.to(x.dtype)  # a set compute dtype: bitsandbytes returns the input's dtype too
         return out
+
+    def _lora_forward(self, x: Tensor, bias: Tensor | None, A: Tensor | None, B: Tensor | None) -> Tensor:
+        """``x deq(W0)ᵀ + b`` plus, when ``A`` is given, ``s B A dropout(x)`` (the layer's scaling and
+        dropout), in the compute dtype; W0 dequantized per call, never kept."""
+        d = self.__dict__
+        q = d["_lora_original"][0]
+        cdt = QB.compute_dtype_of(q)
+        deq = _dequantizer(q)
+        slices = self._lora_slices or ((0, d["out_features"]),)
+        if A is None:
+            return quant_lora_linear(x, bias, None, None, deq, cdt, 0.0, 0.0, slices, 0)
+        p = FU._dropout_p(d["_modules"]["lora_dropout"])
+        if p is None or not self.lora_fused or not FU.is_enabled():  # the plain reference
+            w = deq(cdt or x.dtype)
+            return self._plain_quant_forward(x.to(w.dtype), w, bias, A, B)
+        return quant_lora_linear(x, bias, A, B, deq, cdt, d["scaling"], p, slices, id(A))
 
     def _plain_quant_forward(self, x: Tensor, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> Tensor:
         raise NotImplementedError
 
     # --- merge ----------------------------------------------------------------------------------
+    def _variant(self) -> Any:
+        return self.__dict__.get("lora_variant")
+
+    def _merged_dense(self, w0: Tensor) -> Tensor:
+        """The merged weight (fp32 or wider) from W0 dequantized in fp32: ``W0 + s B A`` or the variant's."""
+        variant, delta = self._variant(), self.delta_weight()  # type: ignore[attr-defined]
+        return w0 + delta if variant is None else variant.merged_weight(self, w0, delta)
+
+    def _unmerged_dense(self, w: Tensor) -> Tensor:
+        """W0 (fp32) recomputed from a merged weight dequantized in fp32 (when no copy was kept)."""
+        variant, delta = self._variant(), self.delta_weight()  # type: ignore[attr-defined]
+        return w - delta if variant is None else variant.unmerged_weight(self, w, delta).float()
+
     def merge(self, keep_original: bool = True) -> None:
-        """``requant(dequant(W0) + s B A)`` once, with the layer's quantization settings. With
-        ``keep_original`` the original quantized tensors are kept for a bit-exact :meth:`unmerge`."""
+        """``requant(dequant(W0) + s B A)`` once (DoRA: ``requant(m (W0 + s B A) / ‖W0 + s B A‖)``; LoRA
+        bias: also ``b0 + s b_B``), with the layer's quantization settings. With ``keep_original`` the
+        original quantized tensors are kept for a bit-exact :meth:`unmerge`."""
         if self.merged or not self.has_lora:  # type: ignore[attr-defined]
             return
-        q = self.quant_base
+        q, variant = self.quant_base, self._variant()
+        if variant is not None:
+            variant.check_merge(self)
         with torch.no_grad():
             snap = QW.snapshot(q)
-            QW.requantize_(q, QW.dequantize(q, torch.float32) + self.delta_weight())  # type: ignore[attr-defined]
+            QW.requantize_(q, self._merged_dense(QW.dequantize(q, torch.float32)).float())
+            if variant is not None:
+                variant.after_merge(self, keep_original)
         self._lora_qsnap = snap if keep_original else None
         self.merged = True
 
@@ -100,12 +127,14 @@ class _QuantLoraMixin:
         """Undo :meth:`merge`: the original bytes when they were kept, else requantize ``W - s B A``."""
         if not self.merged:
             return
-        q = self.quant_base
+        q, variant = self.quant_base, self._variant()
         with torch.no_grad():
             if self._lora_qsnap is not None:
                 QW.restore(q, self._lora_qsnap)
             else:
-                QW.requantize_(q, QW.dequantize(q, torch.float32) - self.delta_weight())  # type: ignore[attr-defined]
+                QW.requantize_(q, self._unmerged_dense(QW.dequantize(q, torch.float32)))
+            if variant is not None:
+                variant.after_unmerge(self)
         self._lora_qsnap = None
         self.merged = False
 
@@ -121,7 +150,7 @@ class _QuantLoraMixin:
             return self._lora_qsnap
         now = QW.snapshot(q)
         with torch.no_grad():  # no copy kept: requantize W - s B A into a scratch state, then put back
-            QW.requantize_(q, QW.dequantize(q, torch.float32) - self.delta_weight())  # type: ignore[attr-defined]
+            QW.requantize_(q, self._unmerged_dense(QW.dequantize(q, torch.float32)))
             back = QW.snapshot(q)
             QW.restore(q, now)
         return back
@@ -199,13 +228,8 @@ def is_quant_lora(module: nn.Module) -> bool:
 
 
 def factory(module: nn.Module, spec: Any) -> LoraLayer:
-    """The injection registry's entry for bitsandbytes layers (``spec``: ``lorakit.inject.LayerSpec``)."""
-    for flag in ("use_dora", "lora_bias"):
-        if getattr(spec, flag, False):
-            from ..errors import UnsupportedModuleError
-
-            raise UnsupportedModuleError(f"{type(module).__name__} (quantized base): {flag}=True is not supported "
-                                         "on a quantized base yet; use plain LoRA here, or a float base")
+    """The injection registry's entry for bitsandbytes layers (``spec``: ``lorakit.inject.LayerSpec``;
+    its ``use_dora`` / ``lora_bias`` are applied afterwards by injection, :mod:`.variants`)."""
     if spec.enable is not None:
         return QuantMergedLinear.from_module(module, spec.r, spec.alpha, spec.dropout, enable_lora=spec.enable,
                                              use_rslora=spec.use_rslora, init=spec.init)
@@ -224,3 +248,8 @@ def adopt_quantized_base(layer: LoraLayer, q: nn.Module) -> None:
     d["_lora_original"] = (q,)
     d["fan_in_fan_out"] = False
     d["_lora_qsnap"] = None
+    variant = d.get("lora_variant")
+    if variant is not None:  # DoRA / LoRA bias: the quantized-base forms, tensors kept
+        from .variants import convert
+
+        d["lora_variant"] = convert(layer, variant)

@@ -107,11 +107,14 @@ def builder_for(layer: nn.Module, name: str, where: str = "") -> LoraVariant:
     if variant_of(layer) is not None:
         raise LoraConfigError(f"{where or type(layer).__name__}: already has the variant "
                               f"{variant_of(layer).describe()!r}; one variant per layer")
-    if getattr(layer, "quant_base", None) is not None:
-        raise UnsupportedModuleError(f"{where or type(layer).__name__}: {name} on a quantized base "
-                                     "(lorakit.quant) is not supported yet")
+    build = _BUILDERS[name]
+    if getattr(layer, "quant_base", None) is not None:  # bitsandbytes base: the quantized-base forms
+        from ..quant.variants import quant_variant
+
+        def build(lay: nn.Module) -> LoraVariant:
+            return quant_variant(lay, name)
     try:
-        return _BUILDERS[name](layer)
+        return build(layer)
     except UnsupportedModuleError as e:
         raise UnsupportedModuleError(f"{where}: {e}" if where else str(e)) from None
 
