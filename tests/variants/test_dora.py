@@ -255,20 +255,21 @@ def test_dora_refused_where_not_defined() -> None:
         LoraConfig(r=2, targets=["x"], use_dora=True, lora_bias=True)
 
 
-def test_named_adapters_and_mixed_batches_refuse_variants() -> None:
+def test_named_adapters_and_mixed_batches_refuse_lora_bias_but_take_dora() -> None:
     from lorakit.errors import MixedBatchError
 
     model = _Wrap(nn.Linear(6, 6))
-    lorakit.inject(model, LoraConfig(r=2, targets=["body.0"], use_dora=True))
-    with pytest.raises(UnsupportedModuleError, match="DoRA"):
+    lorakit.inject(model, LoraConfig(r=2, targets=["body.0"], lora_bias=True))
+    with pytest.raises(UnsupportedModuleError, match="LoRA bias"):
         lorakit.add_adapter(model, "b", LoraConfig(r=2, targets=["body.0"]))
-    with pytest.raises(MixedBatchError, match="variant"):
+    with pytest.raises(MixedBatchError, match="LoRA bias"):
         with lorakit.batch_adapters(model, ["default", "base"]):
             model(torch.randn(2, 6))
     plain = lorakit.inject(_Wrap(nn.Linear(6, 6)), LoraConfig(r=2, targets=["body.0"]))
-    with pytest.raises(UnsupportedModuleError, match="use_dora"):
-        lorakit.add_adapter(plain, "b", LoraConfig(r=2, targets=["body.0"], use_dora=True))
-    assert lorakit.list_adapters(plain) == ["default"]
+    with pytest.raises(UnsupportedModuleError, match="lora_bias"):
+        lorakit.add_adapter(plain, "b", LoraConfig(r=2, targets=["body.0"], lora_bias=True))
+    lorakit.add_adapter(plain, "d", LoraConfig(r=2, targets=["body.0"], use_dora=True))  # test_dora_named.py
+    assert lorakit.list_adapters(plain) == ["default", "d"]
 
 
 @pytest.mark.parametrize("case", ["mlp", "embedding", "conv2d"])

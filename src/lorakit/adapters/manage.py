@@ -29,6 +29,7 @@ from ..layers import ConvLoRA, Embedding, LoraLayer, MergedLinear, _InjectedConv
 from ..layers import Linear as LoraLinear
 from ..layers.param import LoraParameter, param_pair_shapes
 from ..variants.base import refuse_named
+from ..variants.named import dora_slot, drop_magnitude, register_magnitude
 from .registry import (
     _ABSENT,
     DEFAULT,
@@ -165,12 +166,16 @@ def _stage(model: nn.Module, name: str, config: LoraConfig, init: bool,
            exact: tuple[dict[str, LayerSpec], dict[str, nn.Module]] | None = None,
            params: list[tuple[_params.ParamMatch, Tensor, Tensor]] | None = None) -> _Staged:
     """``params``: a file's target_parameters pairs (:func:`lorakit.param_targets.read_pairs`)."""
-    refuse_named(model, config, f"adapter {name!r}")  # DoRA / LoRA bias: the first adapter only, for now
+    refuse_named(model, config, f"adapter {name!r}")  # LoRA bias / trainable tokens: the first adapter only
     staged = _Staged(name, config, {}, {})
     found = _exact(*exact) if exact is not None else _match(model, config)
     if params is None:
         params = [(m, None, None) for m in _params.resolve_parameters(  # type: ignore[misc]
             model, config, tuple(n for n, _, _ in found), allow_existing=True)]
+    if config.use_dora and params:
+        raise UnsupportedModuleError(f"adapter {name!r}: use_dora with target_parameters "
+                                     f"({params[0][0].owner_name}): DoRA is defined for modules, not bare "
+                                     "parameters (PEFT refuses it too); drop use_dora or target_parameters")
     for pm, a, b in params:  # target_parameters: a slot on the parameter's layer (a new layer if none)
         layer, is_new = _params.layer_for(pm, config)
         spec = LayerSpec(pm.r, pm.alpha, 0.0, config.use_rslora, config.init, None)
@@ -194,6 +199,8 @@ def _stage(model: nn.Module, name: str, config: LoraConfig, init: bool,
             slot = Slot(layer._parameters["lora_A"], layer._parameters["lora_B"], layer.r,  # type: ignore[attr-defined]
                         layer.lora_alpha, layer.scaling, spec.use_rslora, layer.lora_dropout)
             staged.wrap[mod_name] = layer
+        if config.use_dora:
+            slot.variant = dora_slot(layer, slot, mod_name)
         staged.slots[mod_name] = (layer, slot)
     return staged
 
@@ -215,7 +222,10 @@ def _commit(model: nn.Module, reg: _Registry, staged: _Staged) -> None:
             layer.lora_named_B = nn.ParameterDict()  # type: ignore[attr-defined]
         layer.lora_named_A[staged.name] = slot.A  # type: ignore[attr-defined,index]
         layer.lora_named_B[staged.name] = slot.B  # type: ignore[attr-defined,index]
-        slot.A.requires_grad = slot.B.requires_grad = activate
+        if slot.variant is not None:
+            register_magnitude(layer, staged.name, slot.variant)
+        for t in slot.tensors(layer):
+            t.requires_grad = activate
         _slots(layer)[staged.name] = slot
     reg.configs[staged.name] = staged.config
     _refresh(model, reg)
@@ -255,6 +265,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         else:
             del layer.lora_named_A[name]  # type: ignore[attr-defined]
             del layer.lora_named_B[name]  # type: ignore[attr-defined]
+            drop_magnitude(layer, name)
     del reg.configs[name]
     reg.stacks.clear()
 

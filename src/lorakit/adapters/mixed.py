@@ -11,7 +11,9 @@ The per-layer math (stacked A/B, per-row weights or rows grouped by adapter, bat
 adapters gets an instance-level ``forward`` (no forward hook: ``nn.Module.__call__`` keeps its fast
 path, and :mod:`lorakit.layers` is untouched) that runs the layer's own base forward and adds each
 row's update; the class forward is back after the block. Linear, MergedLinear (fused qkv) and
-Embedding layers are supported; convolutions raise :class:`~lorakit.errors.MixedBatchError`.
+Embedding layers are supported; convolutions raise :class:`~lorakit.errors.MixedBatchError`. DoRA
+adapters take part (each row its own adapter's magnitude and norm, :mod:`.mixed_dora`); other variants
+(LoRA bias) raise.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..errors import MixedBatchError
 from ..layers import Embedding, LoraLayer, MergedLinear
 from ..layers import Linear as LoraLinear
 from .batched import RowPlan, build_stacks, merged_dense_B, mixed_embedding_delta, mixed_linear_delta, plan_rows
-from .registry import _ABSENT, BASE, Slot, _check_known, _Registry, _registry, _slots
+from .mixed_dora import check_dropout, check_variants, dora_B, factor_stack, rescale_rows
+from .registry import _ABSENT, BASE, Slot, _check_known, _Registry, _registry, _set_variant, _slots
 
 __all__ = ["batch_adapters"]
 
@@ -45,22 +48,24 @@ def _pair(layer: LoraLayer, s: Slot) -> tuple[Tensor, Tensor]:
     """The slot's (A, B) as one low-rank product: a fused projection's B made dense (out, r*k)."""
     if isinstance(layer, MergedLinear):
         return s.A, merged_dense_B(s.B, layer.enable_lora)
-    return s.A, s.B
+    return s.A, dora_B(layer, s, s.B)  # a DoRA adapter's B scaled by its factor m / ||W0 + sBA||
 
 
 class _LayerState:
     """Per layer and block: plans by batch size, per adapter set the slots, tensors, cached stacks."""
 
-    __slots__ = ("layer", "avail", "plans", "sets", "pointers")
+    __slots__ = ("layer", "name", "avail", "plans", "sets", "pointers", "bias")
 
-    def __init__(self, layer: LoraLayer, avail: tuple[str, ...]) -> None:
-        self.layer, self.avail = layer, avail
+    def __init__(self, layer: LoraLayer, avail: tuple[str, ...], name: str = "") -> None:
+        self.layer, self.avail, self.name = layer, avail, name
+        self.bias = None if isinstance(layer, Embedding) else layer._parameters.get("bias")  # type: ignore[attr-defined]
         self.plans: dict[int, RowPlan | None] = {}
         self.sets: dict[tuple[str, ...], list[Any]] = {}
         slots = layer.__dict__["_lora_slots"]
         own = layer._parameters.get("lora_A")  # type: ignore[attr-defined]
         self.pointers = {n: (None if slots[n].A is own else (slots[n].A, slots[n].B), slots[n].r, slots[n].alpha,
-                             slots[n].scaling, slots[n].use_rslora, slots[n].dropout) for n in avail}
+                             slots[n].scaling, slots[n].use_rslora, slots[n].dropout, slots[n].variant)
+                         for n in avail}
 
 
 class _MixedBatch:
@@ -71,7 +76,7 @@ class _MixedBatch:
         self.names = list(names)
         self.used = list(dict.fromkeys(n for n in self.names if n != BASE))
         self.plans: dict[tuple[tuple[str, ...], int], RowPlan | None] = {}
-        self.saved: list[tuple[LoraLayer, Any, bool, Any, tuple[Any, ...], Any]] = []
+        self.saved: list[tuple[LoraLayer, Any, bool, Any, tuple[Any, ...], Any, Any]] = []
 
     def row_names(self, bsz: int) -> list[str]:
         n = len(self.names)
@@ -89,9 +94,10 @@ class _MixedBatch:
             self.plans[key] = plan_rows(self.row_names(bsz), available, device)
         return self.plans[key]
 
-    def weights(self, st: _LayerState, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, list[nn.Module], Any]:
-        """Stacks ``At`` (G+1, in, r), ``Bt`` (G+1, r, out) (scaled, zero slot last), the dropouts and
-        (cached only) the views ``(At[:G], Bt[:G])``.
+    def weights(self, st: _LayerState, groups: tuple[str, ...]) -> tuple[Tensor, Tensor, list[nn.Module], Any, Any]:
+        """Stacks ``At`` (G+1, in, r), ``Bt`` (G+1, r, out) (scaled, zero slot last), the dropouts,
+        (cached only) the views ``(At[:G], Bt[:G])`` and DoRA's row factors (:mod:`.mixed_dora`; None
+        without a DoRA adapter).
 
         In grad mode (a trainable adapter among them) they are built from the Parameters; otherwise
         cached per (layer, adapter set) in the registry and rebuilt when an adapter tensor changed
@@ -101,7 +107,9 @@ class _MixedBatch:
         ent = st.sets.get(groups)
         if ent is None:
             slots = [layer.__dict__["_lora_slots"][g] for g in groups]
-            tensors = [t for s in slots for t in (s.A, s.B)]
+            tensors = [t for s in slots for t in s.tensors(layer)]
+            if any(s.variant is not None for s in slots):
+                tensors.append(layer._weight_param())  # DoRA's norm reads W0
             drops = [s.dropout for s in slots]
             if all(isinstance(d, nn.Identity) for d in drops):
                 drops = []
@@ -112,7 +120,7 @@ class _MixedBatch:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             pairs = [_pair(layer, s) for s in slots]
             At, Bt = build_stacks([p[0] for p in pairs], [p[1] for p in pairs], [s.scaling for s in slots])
-            return At, Bt, drops, None
+            return At, Bt, drops, None, factor_stack(layer, slots)
         versions = [t._version for t in tensors]
         if hit is None or hit[0] != versions:
             key = (id(layer), groups)  # several adapter sets stay cached (batches of 1, 4, 8 adapters...)
@@ -122,14 +130,15 @@ class _MixedBatch:
                     pairs = [_pair(layer, s) for s in slots]
                     At, Bt = build_stacks([p[0].detach() for p in pairs], [p[1].detach() for p in pairs],
                                           [s.scaling for s in slots])
+                    fac = factor_stack(layer, slots)
                 At, Bt = At.contiguous(), Bt.contiguous()
                 g = len(groups)
-                hit = (versions, ids, At, Bt, (At[:g], Bt[:g]))
+                hit = (versions, ids, At, Bt, (At[:g], Bt[:g]), fac)
                 if len(self.reg.stacks) >= _MAX_SETS_PER_LAYER * max(len(self.reg.layers), 1):
                     self.reg.stacks.clear()  # bound the cache: a few sets per layer
                 self.reg.stacks[key] = hit
             ent[4] = hit
-        return hit[2], hit[3], drops, hit[4]
+        return hit[2], hit[3], drops, hit[4], hit[5]
 
     def _forward(self, st: _LayerState, orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
         layer = st.layer
@@ -150,12 +159,17 @@ class _MixedBatch:
                 p = st.pointers[plan.groups[0]]
                 d["_lora_sel"], d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = p[:5]
                 mods["lora_dropout"] = p[5]
+                _set_variant(layer, p[6])
                 try:
                     return orig(x, *args, **kwargs)
                 finally:
                     d["_lora_sel"] = _ABSENT
             out = orig(x, *args, **kwargs)
-            At, Bt, drops, grouped = self.weights(st, plan.groups)
+            At, Bt, drops, grouped, fac = self.weights(st, plan.groups)
+            if fac is not None:  # DoRA rows: F_row ⊙ (x W0ᵀ) + b, then the f-scaled low-rank part
+                check_dropout(layer, st.name, [d["_lora_slots"][g] for g in plan.groups], bool(drops)
+                              and layer.training)
+                out = rescale_rows(out, plan.slot, fac, st.bias)
             if embedding:
                 return mixed_embedding_delta(x, out, plan, At, Bt, drops, layer.padding_idx,  # type: ignore[attr-defined]
                                              layer.scale_grad_by_freq)  # type: ignore[attr-defined]
@@ -169,26 +183,25 @@ class _MixedBatch:
         for mod_name, layer in self.reg.layers:
             slots = _slots(layer)
             avail = tuple(n for n in self.used if n in slots)
-            if avail and layer.__dict__.get("lora_variant") is not None:  # its own forward (DoRA, LoRA bias)
-                raise MixedBatchError(f"mixed-adapter batches: {mod_name!r} has a LoRA variant "
-                                      f"({layer.__dict__['lora_variant'].describe()}); use one adapter per batch")
+            check_variants(mod_name, layer, [slots[n] for n in avail])  # DoRA rows: .mixed_dora
             if avail and not isinstance(layer, _SUPPORTED):
                 raise MixedBatchError(f"mixed-adapter batches support Linear, MergedLinear and Embedding layers; "
                                       f"{mod_name!r} is a {type(layer).__name__} (use one adapter per batch for it)")
-            todo.append((layer, avail))
-        for layer, avail in todo:
+            todo.append((mod_name, layer, avail))
+        for mod_name, layer, avail in todo:
             d = layer.__dict__
             prev = d.get("forward", _NONE)
             self.saved.append((layer, d.get("_lora_sel"), layer.merged, prev,
-                               tuple(d.get(k, _NONE) for k in _POINTED), layer._modules.get("lora_dropout")))
+                               tuple(d.get(k, _NONE) for k in _POINTED), layer._modules.get("lora_dropout"),
+                               d.get("lora_variant")))
             layer.unmerge()
             d["_lora_sel"] = _ABSENT
             if avail:  # a nested block replaces the outer block's rows (it calls the outer's base forward)
                 orig = getattr(prev, "_lorakit_orig", None) or layer.forward
-                d["forward"] = self._forward(_LayerState(layer, avail), orig)
+                d["forward"] = self._forward(_LayerState(layer, avail, mod_name), orig)
 
     def exit(self) -> None:
-        for layer, sel, merged, prev, attrs, dropout in reversed(self.saved):
+        for layer, sel, merged, prev, attrs, dropout, variant in reversed(self.saved):
             d = layer.__dict__
             if prev is _NONE:
                 d.pop("forward", None)
@@ -202,6 +215,7 @@ class _MixedBatch:
             if dropout is not None:
                 layer._modules["lora_dropout"] = dropout
             d["_lora_sel"] = sel
+            _set_variant(layer, variant)
             if merged:
                 layer.merge()
         self.saved.clear()

@@ -31,7 +31,7 @@ from ..inject import (
 from ..layers import MergedLinear
 from ..loralib_io import load_loralib_checkpoint
 from .manage import _commit, _stage
-from .registry import DEFAULT, _check_known, _check_new_name, _pointed, _refresh, _registry
+from .registry import DEFAULT, Slot, _check_known, _check_new_name, _pointed, _refresh, _registry
 
 __all__ = ["load_adapter", "load_named_adapter", "save_adapter", "save_named_adapter"]
 
@@ -154,16 +154,39 @@ def load_named_adapter(model: nn.Module, path: str | os.PathLike, name: str | No
                             f"{tuple(slot.A.shape)} / {tuple(slot.B.shape)}")
             continue
         values[m] = (a, b)
+        _check_extras(m, layer, slot, ts, problems)
     if problems:
         raise AdapterMismatchError(f"{path}: adapter does not fit the model:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for m, (a, b) in values.items():
-            _, slot = staged.slots[m]
+            layer, slot = staged.slots[m]
             slot.A.copy_(a.reshape(slot.A.shape))
             slot.B.copy_(b.reshape(slot.B.shape))
+            if slot.variant is not None:
+                slot.variant.load_peft_tensors(layer, per_module[m])
     staged.config = config
     _commit(model, reg, staged)
     return model
+
+
+_PAIR_KINDS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def _check_extras(m: str, layer: nn.Module, slot: Slot, ts: dict[str, Tensor], problems: list[str]) -> None:
+    """A named adapter's tensors beyond A/B: DoRA's magnitude exactly when the config says use_dora."""
+    want = slot.variant.peft_tensors(layer) if slot.variant is not None else {}
+    for kind, t in ts.items():
+        if kind in _PAIR_KINDS:
+            continue
+        if kind not in want:
+            problems.append(f"{m}.{kind}: unexpected for a named adapter (expects {sorted(want) or 'A/B only'}; "
+                            "a DoRA magnitude needs use_dora=true in adapter_config.json)")
+        elif t.numel() != want[kind].numel() or not t.is_floating_point():
+            problems.append(f"{m}.{kind}: {tuple(t.shape)} {t.dtype} in the file, the model needs "
+                            f"{tuple(want[kind].shape)} floating point")
+    for kind in want:
+        if kind not in ts:
+            problems.append(f"{m}.{kind}: missing from the file (use_dora=true)")
 
 
 def _dense_to_fused_pair(layer: MergedLinear, r: int, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,9 @@ switching writes the layer's ``_lora_sel`` pointer (read by ``LoraLayer.lora_A``
 lacks the active adapter acts as the base layer for it.
 
 Only active adapters have ``requires_grad=True``. Several active adapters add their updates (the
-layer then reads a rank concatenation, computed on access).
+layer then reads a rank concatenation, computed on access). A DoRA adapter's slot carries its own
+variant object and magnitude (:mod:`lorakit.variants.named`); switching points the layer's
+``lora_variant`` at it. Several active adapters are refused when one of them is DoRA.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..errors import (
     DuplicateAdapterError,
     LoraConfigError,
     UnknownAdapterError,
+    UnsupportedModuleError,
 )
 from ..inject import (
     lora_layers,
@@ -73,6 +76,12 @@ class Slot:
     scaling: float
     use_rslora: bool
     dropout: nn.Module
+    #: the adapter's LoRA variant on this layer (DoRA: its own magnitude vector), None: plain LoRA
+    variant: Any = None
+
+    def tensors(self, layer: nn.Module) -> list[Tensor]:
+        """Every trainable tensor of this adapter on ``layer`` (A, B and the variant's own)."""
+        return [self.A, self.B, *(self.variant.trainable(layer) if self.variant is not None else ())]
 
 
 class _Concat:
@@ -103,7 +112,14 @@ def _default_slot(layer: LoraLayer) -> Slot | None:
     if A is None or layer.r <= 0:
         return None
     return Slot(A, layer._parameters["lora_B"], layer.r, layer.lora_alpha, layer.scaling,  # type: ignore[attr-defined]
-                getattr(layer, "use_rslora", False), layer.lora_dropout)
+                getattr(layer, "use_rslora", False), layer.lora_dropout, layer.__dict__.get("lora_variant"))
+
+
+def _set_variant(layer: LoraLayer, variant: Any) -> None:
+    if variant is None:
+        layer.__dict__.pop("lora_variant", None)
+    else:
+        layer.__dict__["lora_variant"] = variant
 
 
 def _point(layer: LoraLayer, names: Sequence[str]) -> None:
@@ -120,7 +136,9 @@ def _point(layer: LoraLayer, names: Sequence[str]) -> None:
         d["_lora_sel"] = None if own else (s.A, s.B)
         d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = s.r, s.alpha, s.scaling, s.use_rslora
         layer._modules["lora_dropout"] = s.dropout  # type: ignore[attr-defined]
+        _set_variant(layer, s.variant)
         return
+    _set_variant(layer, None)  # several active: plain LoRA slots only (set_adapter refuses variants)
     d["_lora_sel"] = _Concat(present, getattr(layer, "num_experts", 1))
     total = sum(s.r for s in present)
     d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = total, float(total), 1.0, False
@@ -208,6 +226,8 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     old = reg.active
     if new == old:
         return
+    if len(new) > 1:
+        _refuse_variants_summed(reg, new)
     changed = set(old) | set(new)
     for _, layer in reg.layers:
         merged = layer.merged
@@ -221,9 +241,22 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
             s = slots.get(n)
             if s is not None:
                 flag = n in new
-                s.A.requires_grad = flag
-                s.B.requires_grad = flag
+                for t in s.tensors(layer):
+                    t.requires_grad = flag
     reg.active = new
+
+
+def _refuse_variants_summed(reg: _Registry, names: tuple[str, ...]) -> None:
+    """Several active adapters add their ``B A``; a variant's update (DoRA's m / ||W0 + sBA||) does not add."""
+    for mod_name, layer in reg.layers:
+        slots = _slots(layer)
+        for n in names:
+            v = slots[n].variant if n in slots else None
+            if v is not None:
+                raise UnsupportedModuleError(
+                    f"set_adapter({list(names)}): adapter {n!r} is a {v.describe()} adapter on {mod_name!r}; "
+                    "several active adapters add their B A, which is not defined for a variant: activate one "
+                    "adapter, or use batch_adapters for one adapter per row")
 
 
 @contextlib.contextmanager
@@ -248,7 +281,8 @@ def _deactivate(model: nn.Module, reg: _Registry) -> None:
         layer.unmerge()
         layer.__dict__["_lora_sel"] = _ABSENT
         for s in _slots(layer).values():
-            s.A.requires_grad = s.B.requires_grad = False
+            for t in s.tensors(layer):
+                t.requires_grad = False
     reg.active = ()
 
 

@@ -46,6 +46,10 @@ class LoraVariant:
     def detach(self, layer: nn.Module) -> None:
         """Remove what :meth:`attach` registered (the layer becomes plain LoRA again)."""
 
+    def trainable(self, layer: nn.Module) -> list[Tensor]:
+        """The variant's own trainable tensors on ``layer`` (named adapters toggle their grads)."""
+        return []
+
     def peft_tensors(self, layer: nn.Module) -> dict[str, Tensor]:
         """Extra tensors of a PEFT adapter file, by key suffix (``lora_magnitude_vector``)."""
         return {}
@@ -144,15 +148,15 @@ def detach(layer: nn.Module) -> None:
 
 
 def refuse_named(model: nn.Module, config: Any, what: str) -> None:
-    """Named adapters (``add_adapter``, ``load_adapter(name=)``, ``combine``) keep one (A, B) pair per
-    adapter and no variant tensors yet: refuse a variant config, or a model whose layers carry one."""
-    flags = [f for f in ("use_dora", "lora_bias", "trainable_tokens") if getattr(config, f, False)]
+    """Named adapters (``add_adapter``, ``load_adapter(name=)``) keep one (A, B) pair per adapter plus,
+    for DoRA, a magnitude vector: refuse other variant configs, or a model whose layers carry one."""
+    flags = [f for f in ("lora_bias", "trainable_tokens") if getattr(config, f, False)]
     if flags:
         raise UnsupportedModuleError(f"{what}: {flags[0]} is supported for the model's first adapter "
                                      "(inject / load_adapter without name=), not for named adapters yet")
     for name, m in model.named_modules():
         v = variant_of(m)
-        if v is not None:
+        if v is not None and v.name != "use_dora":
             raise UnsupportedModuleError(f"{what}: module {name!r} has a {v.describe()} adapter; named adapters "
                                          "next to a variant are not supported yet (unwrap or merge_and_unload first)")
 

@@ -69,6 +69,8 @@ class _Dora(LoraVariant):
         self._merge_factor: Tensor | None = None
         self.dropout_form = "lora-only"
         self._eval: tuple = ((), None)  # (key, factor in x's dtype) of the no-grad Linear forward
+        #: a named adapter's magnitude (:mod:`.named`); None: the layer's own ``lora_magnitude_vector``
+        self.param: nn.Parameter | None = None
 
     # --- what each layer kind says --------------------------------------------------------------
     def _full_weight(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor,
@@ -89,7 +91,8 @@ class _Dora(LoraVariant):
 
     # --- parameters -------------------------------------------------------------------------------
     def magnitude(self, layer: nn.Module) -> Tensor:
-        return layer._parameters[MAGNITUDE]
+        p = self.param
+        return p if p is not None else layer._parameters[MAGNITUDE]
 
     def attach(self, layer: nn.Module) -> None:
         w, A, B = layer._weight_param(), layer.lora_A, layer.lora_B
@@ -99,6 +102,9 @@ class _Dora(LoraVariant):
     def detach(self, layer: nn.Module) -> None:
         layer._parameters.pop(MAGNITUDE, None)
 
+    def trainable(self, layer: nn.Module) -> list[Tensor]:
+        return [self.magnitude(layer)]
+
     def peft_tensors(self, layer: nn.Module) -> dict[str, Tensor]:
         return {MAGNITUDE: self.magnitude(layer).detach()}
 
@@ -107,11 +113,12 @@ class _Dora(LoraVariant):
         m.copy_(tensors[MAGNITUDE].reshape(m.shape))
 
     # --- the norm -------------------------------------------------------------------------------
-    def norm(self, layer: nn.Module, A: Tensor, B: Tensor) -> Tensor:
+    def norm(self, layer: nn.Module, A: Tensor, B: Tensor, scaling: float | None = None) -> Tensor:
         """‖W0 + s B A‖ per output, fp32, detached; shape: the stored weight with the reduced axes
-        kept as size 1 (cached until W0, A, B or the scaling change)."""
+        kept as size 1 (cached until W0, A, B or the scaling change). ``scaling``: the layer's."""
         w = layer._weight_param()
-        key = (*_key(w, A, B), layer.scaling)
+        s = layer.scaling if scaling is None else scaling
+        key = (*_key(w, A, B), s)
         if key != self._norm_key or self._norm is None:
             with torch.no_grad():
                 W = self._matrix(layer, w.detach(), A, B)
@@ -121,10 +128,15 @@ class _Dora(LoraVariant):
                 dims = self._norm_dims(layer, w)
                 shape = [1 if i in dims else n for i, n in enumerate(w.shape)]
                 n_out = int(torch.Size(shape).numel())
-                sq = factored_row_sq(W, self._w_sq, A.detach(), B.detach(), layer.scaling, n_out)
+                sq = factored_row_sq(W, self._w_sq, A.detach(), B.detach(), s, n_out)
                 self._norm = sq.sqrt_().view(shape)
             self._norm_key = key
         return self._norm
+
+    def row_factor(self, layer: nn.Module, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+        """``m / ‖W0 + s B A‖`` per output, flat (fp32, differentiable in m): mixed batches scale
+        each adapter's rows by it (:mod:`lorakit.adapters.mixed_dora`)."""
+        return self._factor(layer, self.norm(layer, A, B, scaling)).view(-1)
 
     def _factor(self, layer: nn.Module, n: Tensor) -> Tensor:
         """``m / n`` (fp32, differentiable in m) shaped like ``n``."""
@@ -180,7 +192,8 @@ class DoraLinear(_Dora):
         if not drop and not torch.is_grad_enabled():
             # generation: LoRA's inference path (the C++ row kernel when decoding) times m / n, the
             # factor cached while W0, A, B, m, the scaling and x's dtype stay (one key per call)
-            m = params[MAGNITUDE]  # key inlined (this runs per layer per decoded token)
+            # key inlined (this runs per layer per decoded token); a named adapter's m is self.param
+            m = self.param if self.param is not None else params[MAGNITUDE]
             key = (w._version, A._version, B._version, m._version, w.data_ptr(), A.data_ptr(), B.data_ptr(),
                    m.data_ptr(), w.dtype, A.dtype, s, x.dtype)
             if key != self._eval[0]:
@@ -295,10 +308,14 @@ def dora_for(layer: nn.Module) -> _Dora:
 def set_dropout_form(model: nn.Module, form: str) -> int:
     """Choose how DoRA layers under ``model`` apply LoRA dropout while training (see the module
     docstring): ``"lora-only"`` (default, one base GEMM) or ``"peft"`` (PEFT's formula, W0·dropout(x)).
-    Returns the number of DoRA layers set; raises :class:`LoraConfigError` before changing anything."""
+    Returns the number of DoRA objects set (one per layer and adapter); raises
+    :class:`LoraConfigError` before changing anything."""
     if form not in DROPOUT_FORMS:
         raise LoraConfigError(f"DoRA dropout form {form!r} is not one of {DROPOUT_FORMS}")
-    layers = [v for m in model.modules() if isinstance(v := variant_of(m), _Dora)]
+    found = {id(v): v for m in model.modules()  # the active adapter's and every named adapter's (slots)
+             for v in (variant_of(m), *(s.variant for s in m.__dict__.get("_lora_slots", {}).values()))
+             if isinstance(v, _Dora)}
+    layers = list(found.values())
     if not layers:
         raise LoraConfigError(f"set_dropout_form: {type(model).__name__} has no DoRA layer (use_dora=True)")
     for v in layers:
