@@ -28,6 +28,7 @@ from .errors import AdapterMismatchError, LoraConfigError, UnsupportedModuleErro
 from .inject import LayerSpec
 from .layers import Embedding, LoraLayer, MergedLinear, _InjectedConv
 from .layers import Linear as LoraLinear
+from .layers.param import LoraParameter
 
 __all__ = ["CombineReport", "combine"]
 
@@ -149,6 +150,13 @@ def combine(model: nn.Module, weights: Mapping[str, float], method: str = "linea
         have = [n for n in ws if n in slots]
         if not have:
             continue
+        if isinstance(layer, LoraParameter):  # before any change: the model is left as it was
+            owner = mod_name.rsplit(".", 1)[0] if "." in mod_name else ""
+            raise UnsupportedModuleError(
+                f"combine({method}): {mod_name!r} is LoRA on the parameter {owner + '.' if owner else ''}"
+                f"{layer.param_name} (target_parameters); combining parameter-target adapters is not supported "
+                "(PEFT's add_weighted_adapter has no target_parameters either): set_adapter one of them, or "
+                "merge_and_unload them one at a time")
         if method in FACTOR_METHODS:
             if len(have) != len(ws):
                 missing = [n for n in ws if n not in have]

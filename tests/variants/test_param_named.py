@@ -134,3 +134,29 @@ def test_add_adapter_on_a_parameter_trains_and_switches(tmp_path) -> None:
     lorakit.set_adapter(model, "g2")
     with torch.no_grad():
         torch.testing.assert_close(model(x), y.detach(), rtol=0, atol=1e-6)
+
+
+def test_combine_and_mixed_batches_on_parameter_targets_are_refused_naming_the_layer() -> None:
+    """PEFT refuses add_weighted_adapter on nn.Parameter targets (checked below); lorakit refuses combine
+    (every method) and batch_adapters on parameter layers with typed errors, the model unchanged."""
+    from .test_param_targets import BOTH as PARAMS
+
+    torch.manual_seed(0)
+    base, x = _Moe(), torch.randn(5, H)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_parameters=PARAMS))
+    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_parameters=PARAMS))
+    with pytest.raises(ValueError, match="nn.Parameter"):
+        pm.add_weighted_adapter(["default", "b"], [0.5, 0.5], "c", combination_type="linear")
+    model = lorakit.inject(copy.deepcopy(base), LoraConfig(r=2, alpha=4, target_parameters=PARAMS))
+    lorakit.add_adapter(model, "b", LoraConfig(r=2, alpha=4, target_parameters=PARAMS, init="random"))
+    _randomize(model)
+    y = model(x)
+    for method in ("linear", "ties", "cat", "svd", "ties_svd"):
+        with pytest.raises(lorakit.errors.UnsupportedModuleError, match=r"experts\.lora_\w+'.*experts\.\w+_proj"):
+            lorakit.combine(model, {"default": 0.5, "b": 0.5}, method=method, name="c", rank=2,
+                            density=0.5 if "ties" in method else None)
+    assert lorakit.list_adapters(model) == ["default", "b"]
+    with pytest.raises(lorakit.errors.MixedBatchError, match=r"'experts\.lora_\w+' is LoRA on the parameter"):
+        with lorakit.batch_adapters(model, ["default", "b", "default", "b", "b"]):
+            model(x)
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)  # nothing changed, forwards back

@@ -30,6 +30,7 @@ from ..checks import takes_model
 from ..errors import MixedBatchError
 from ..layers import Embedding, LoraLayer, MergedLinear
 from ..layers import Linear as LoraLinear
+from ..layers.param import LoraParameter
 from .batched import RowPlan, build_stacks, merged_dense_B, mixed_embedding_delta, mixed_linear_delta, plan_rows
 from .mixed_dora import check_dropout, check_variants, dora_B, factor_stack, rescale_rows
 from .registry import _ABSENT, BASE, Slot, _check_known, _Registry, _registry, _set_variant, _slots
@@ -184,6 +185,11 @@ class _MixedBatch:
             slots = _slots(layer)
             avail = tuple(n for n in self.used if n in slots)
             check_variants(mod_name, layer, [slots[n] for n in avail])  # DoRA rows: .mixed_dora
+            if avail and isinstance(layer, LoraParameter):
+                raise MixedBatchError(f"mixed-adapter batches: {mod_name!r} is LoRA on the parameter "
+                                      f"{layer.param_name!r} (target_parameters, a LoraParameter); its owner module "
+                                      "runs one weight for all rows, so rows cannot use different adapters there: "
+                                      "use one adapter per batch (set_adapter / use_adapter)")
             if avail and not isinstance(layer, _SUPPORTED):
                 raise MixedBatchError(f"mixed-adapter batches support Linear, MergedLinear and Embedding layers; "
                                       f"{mod_name!r} is a {type(layer).__name__} (use one adapter per batch for it)")
