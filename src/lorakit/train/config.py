@@ -91,6 +91,8 @@ class TrainConfig(DecodeOptions):
         None, "LoRA+ (Hayou et al. 2024): lora_B learns this many times faster than lora_A (paper: 16)",
         lo=0.0, lo_open=True
     )
+    use_dora: bool = opt(False, "DoRA (Liu et al. 2024): a trainable magnitude per output on top of LoRA "
+                         "(PEFT's use_dora=True); works with --quantize")
     warmup_ratio: float = opt(0.06, "linear warm-up as a fraction of all steps", lo=0.0, hi=1.0)
     warmup_steps: int | None = opt(None, "linear warm-up steps (overrides --warmup-ratio)", lo=0)
     epochs: float = opt(3.0, "training epochs", lo=0.0, lo_open=True)
@@ -131,6 +133,8 @@ class TrainConfig(DecodeOptions):
             raise TrainConfigError(f"--task: {exc}") from None
         if self.loraplus_ratio is not None and self.method != "lora":
             raise TrainConfigError(f"--loraplus-ratio applies to --method lora, not {self.method}")
+        if self.use_dora and self.method != "lora":
+            raise TrainConfigError(f"--use-dora applies to --method lora, not {self.method}")
         if spec.kind == "generation" and self.method == "head":
             raise TrainConfigError("--method: head is for classification/regression tasks, not e2e")
         if self.resume and self.overwrite:

@@ -35,6 +35,7 @@ def apply_method(
     alpha: float = 16.0,
     dropout: float = 0.0,
     targets: list[str] | None = None,
+    use_dora: bool = False,
 ) -> dict[str, Any]:
     """Set up ``model`` for ``method`` (freezing as needed); returns what was chosen (targets, heads)."""
     heads = head_modules(model)
@@ -45,7 +46,8 @@ def apply_method(
         tg = targets or default_targets(model)
         info["targets"] = tg
         cfg = lorakit.LoraConfig(
-            r=r, alpha=alpha, dropout=dropout, targets=_targets_arg(tg), trainable=heads, bias="none"
+            r=r, alpha=alpha, dropout=dropout, targets=_targets_arg(tg), trainable=heads, bias="none",
+            use_dora=use_dora,
         )
         lorakit.inject(model, cfg)
     elif method == "full":
