@@ -83,6 +83,11 @@ class TrainConfig(DecodeOptions):
         "LoRA target modules: names, a regex, or all-linear "
         "(default: query/value projections of the architecture)",
     )
+    target_parameters: list[str] | None = opt(
+        None,
+        "LoRA on bare parameters too (PEFT's target_parameters), e.g. experts.gate_up_proj for fused MoE "
+        "experts: full or dotted-suffix names; --targets (or its default) still applies",
+    )
     lr: float | None = opt(
         None, "peak learning rate (default: lora 5e-4, full 3e-5, head 1e-3)", lo=0.0, lo_open=True
     )
@@ -135,6 +140,11 @@ class TrainConfig(DecodeOptions):
             raise TrainConfigError(f"--loraplus-ratio applies to --method lora, not {self.method}")
         if self.use_dora and self.method != "lora":
             raise TrainConfigError(f"--use-dora applies to --method lora, not {self.method}")
+        if self.target_parameters and self.method != "lora":
+            raise TrainConfigError(f"--target-parameters applies to --method lora, not {self.method}")
+        if self.target_parameters and self.use_dora:
+            raise TrainConfigError("--target-parameters with --use-dora: DoRA is defined for modules, not bare "
+                                   "parameters (PEFT refuses it too); drop one of them")
         if spec.kind == "generation" and self.method == "head":
             raise TrainConfigError("--method: head is for classification/regression tasks, not e2e")
         if self.resume and self.overwrite:

@@ -78,7 +78,7 @@ class Trainer:
             quantize_for_training(self.model, cfg.quantize)
         self.method_info = apply_method(
             self.model, cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.targets,
-            use_dora=cfg.use_dora,
+            use_dora=cfg.use_dora, target_parameters=cfg.target_parameters,
         )
         self._encode()
 

@@ -11,6 +11,7 @@ import torch
 
 from lorakit.atomic import atomic_dir, atomic_write
 from lorakit.checks import check_finite
+from lorakit.errors import AlreadyInjectedError, TargetNotFoundError, UnsupportedParameterError
 from lorakit.train.checkpoint import copy_into_parameters, trainable_state
 from lorakit.train.errors import TrainConfigError
 from lorakit.train.models import default_targets, head_modules
@@ -36,8 +37,13 @@ def apply_method(
     dropout: float = 0.0,
     targets: list[str] | None = None,
     use_dora: bool = False,
+    target_parameters: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Set up ``model`` for ``method`` (freezing as needed); returns what was chosen (targets, heads)."""
+    """Set up ``model`` for ``method`` (freezing as needed); returns what was chosen (targets, heads).
+
+    ``target_parameters``: bare parameters adapted too (:mod:`lorakit.param_targets`); a name matching
+    no parameter of the model raises :class:`TrainConfigError` naming ``--target-parameters``.
+    """
     heads = head_modules(model)
     info: dict[str, Any] = {"heads": heads}
     if method == "lora":
@@ -45,11 +51,18 @@ def apply_method(
 
         tg = targets or default_targets(model)
         info["targets"] = tg
+        if target_parameters:
+            info["target_parameters"] = list(target_parameters)
         cfg = lorakit.LoraConfig(
             r=r, alpha=alpha, dropout=dropout, targets=_targets_arg(tg), trainable=heads, bias="none",
-            use_dora=use_dora,
+            use_dora=use_dora, target_parameters=tuple(target_parameters or ()),
         )
-        lorakit.inject(model, cfg)
+        try:
+            lorakit.inject(model, cfg)
+        except (TargetNotFoundError, UnsupportedParameterError, AlreadyInjectedError) as exc:
+            if target_parameters and str(exc).startswith("target_parameters"):
+                raise TrainConfigError(f"--target-parameters: {exc}") from None
+            raise
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
