@@ -252,7 +252,9 @@ def test_lorakit_merge_sharded_equals_plain_merge(tmp_path: Path, reference: Pat
 @pytest.mark.slow
 def test_library_api_on_a_sharded_model(tmp_path: Path) -> None:
     """forward, disable_adapters, merge / unmerge (bit-exact), save_adapter, load_adapter on DTensor parameters
-    (2 gloo ranks) against an unsharded copy of the same model (worker: fsdp_api_worker.py)."""
+    (2 gloo ranks) against an unsharded copy of the same model; two named adapters switched, the second trained
+    3 SGD steps (each rank half the batch vs the whole batch unsharded) and saved by name (worker:
+    fsdp_api_worker.py)."""
     worker = Path(__file__).with_name("fsdp_api_worker.py")
     res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=cli_env(**ENV), capture_output=True,
                          text=True, timeout=120)
@@ -265,3 +267,9 @@ def test_library_api_on_a_sharded_model(tmp_path: Path) -> None:
         assert r["loaded"] == 0.0
         assert "model.layers.0.self_attn.q_proj" in r["late_inject"] and "before fully_shard" in r["late_inject"]
         assert r["late_unchanged"] and r["late_forward"] == 0.0
+        # named adapters (ignored_params=fsdp.adapter_params): switching, training "b", saving it by name
+        assert r["named_forward"] == 0.0
+        assert r["named_loss_rel"] < 1e-5 and r["named_saved"] < 1e-6 and r["named_saved_keys"]
+        assert r["named_trained"] > 1e-4
+        assert "ignored_params=lorakit.train.fsdp.adapter_params(model)" in r["named_unignored"]
+        assert not r["named_unignored_wrote"]

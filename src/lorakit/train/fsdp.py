@@ -115,6 +115,41 @@ def find_blocks(model: nn.Module, block: str | None = None) -> list[nn.Module]:
     return [m for m in found if id(m) not in inner]
 
 
+# --- named adapters ----------------------------------------------------------------------------------
+def adapter_params(model: nn.Module) -> set[nn.Parameter]:
+    """Every adapter's parameters (``lora_*`` attributes: the first adapter's ``lora_A``/``lora_B`` and the
+    named ones' ``lora_named_*``), active or not. Pass them to ``fully_shard(..., ignored_params=...)``:
+    a layer switches adapters by pointing at their Parameter objects, which FSDP2 would swap for DTensors."""
+    return {p for n, p in model.named_parameters() if any(c.startswith("lora_") for c in n.split("."))}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, read without building lorakit's adapter registry (whose slots would hold the
+    Parameter objects of the moment; FSDP2 and :func:`gathered` swap them)."""
+    return list(model.__dict__.get("_lorakit_configs") or {})
+
+
+def check_adapters(model: nn.Module) -> None:
+    """Refuse a model with several adapters whose adapter parameters FSDP2 sharded (:class:`UnsupportedModuleError`):
+    its layers would go on reading the unsharded originals (full copies, never trained, never saved)."""
+    from torch.distributed.tensor import DTensor
+
+    import lorakit
+
+    names = adapter_names(model)
+    if len(names) < 2:
+        return
+    bad = [n for n, p in model.named_parameters()
+           if isinstance(p, DTensor) and any(c.startswith("lora_") for c in n.split("."))]
+    if bad:
+        raise lorakit.errors.UnsupportedModuleError(
+            f"named adapters {names}: {len(bad)} adapter parameters (e.g. {bad[0]!r}) were "
+            "sharded by fully_shard, so set_adapter / training / saving would use stale unsharded copies; pass "
+            "ignored_params=lorakit.train.fsdp.adapter_params(model) to every fully_shard call "
+            "(lorakit.train.fsdp.shard does so)"
+        )
+
+
 # --- sharding ----------------------------------------------------------------------------------------
 class Sharded:
     """The sharded model as the loop calls it: ``__call__`` forwards, ``no_sync()`` defers gradient
@@ -129,8 +164,11 @@ class Sharded:
         self.replicated = replicated or []
         self.sync = True
         self._queued = False
-        for p in self.replicated:
+        for p in self.replicated:  # frozen ones too (an inactive named adapter may be trained after set_adapter)
+            frozen = not p.requires_grad
+            p.requires_grad_(True)
             p.register_post_accumulate_grad_hook(self._queue)
+            p.requires_grad_(not frozen)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -142,12 +180,13 @@ class Sharded:
 
     def _all_reduce(self) -> None:
         self._queued = False
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        live = [p for p in self.replicated if p.requires_grad]  # the same on every rank (set_adapter on all)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live]
         flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for every replicated gradient
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
         off = 0
-        for p, g in zip(self.replicated, grads, strict=True):
+        for p, g in zip(live, grads, strict=True):
             p.grad = flat[off:off + g.numel()].view_as(g).clone()
             off += g.numel()
 
@@ -187,7 +226,13 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
     skeleton = meta_load.is_skeleton(model)  # built on meta: each rank reads its shard after fully_shard
     if skeleton:
         meta_load.real_trainables(model)
-    trainable = [p for p in model.parameters() if p.requires_grad] if lora == "replicated" else []
+    named = len(adapter_names(model)) > 1
+    if named and lora == "sharded":
+        raise TrainConfigError(
+            f"LORAKIT_FSDP_LORA=sharded with named adapters {adapter_names(model)}: adapters switch by "
+            "pointing at their Parameter objects, which sharding replaces; use the default 'replicated'"
+        )
+    trainable = _replicated(model, lora, named)
     kw: dict[str, Any] = {"mesh": mesh, "ignored_params": set(trainable) or None}
     # pinned host memory needs an accelerator; on a CPU-only run offloading is a no-op kept for parity
     pin = ctx.device.type != "cpu"
@@ -199,8 +244,17 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
     fully_shard(model, **kw)
     if skeleton:  # to_empty gives the replicated trainables new Parameter objects
         meta_load.materialise(model, torch.device("cpu") if cfg.fsdp_offload else ctx.device)
-        trainable = [p for p in model.parameters() if p.requires_grad] if lora == "replicated" else []
+        trainable = _replicated(model, lora, named)
     return Sharded(model, trainable)
+
+
+def _replicated(model: nn.Module, lora: str, named: bool) -> list[nn.Parameter]:
+    """The parameters kept whole on every rank: the trainable ones, and with named adapters every adapter's
+    (inactive ones too: :func:`adapter_params`), so that ``set_adapter`` after sharding trains and syncs."""
+    if lora != "replicated":
+        return []
+    extra = adapter_params(model) if named else set()
+    return [p for p in model.parameters() if p.requires_grad or p in extra]  # same order on every rank
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -276,6 +330,7 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     loaded) full values back into the sharded parameters; a parameter added inside is an error.
     A no-op for replicated trainables (already plain).
     """
+    check_adapters(model)
     before = {id(m): set(m._parameters) for m in model.modules()}
     undo = _gather(model)
     try:
