@@ -27,10 +27,13 @@ __all__ = ["NAMED", "dora_slot", "drop_magnitude", "register_magnitude"]
 def dora_slot(layer: nn.Module, slot: Any, where: str) -> _Dora:
     """A DoRA object for adapter ``slot`` on ``layer`` whose magnitude is the norm of
     ``W0 + s B A`` with the slot's (initialised) A, B and scaling, PEFT's initial value."""
-    if getattr(layer, "quant_base", None) is not None:
-        raise UnsupportedModuleError(f"{where}: use_dora on a quantized base (lorakit.quant) is not supported yet")
     try:
-        v = dora_for(layer)
+        if getattr(layer, "quant_base", None) is not None:  # bitsandbytes base: norm from W0 dequantized per call
+            from ..quant.variants import quant_variant
+
+            v = quant_variant(layer, "use_dora")
+        else:
+            v = dora_for(layer)
     except UnsupportedModuleError as e:
         raise UnsupportedModuleError(f"{where}: {e}") from None
     w = layer._weight_param()  # type: ignore[operator]
