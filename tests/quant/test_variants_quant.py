@@ -331,3 +331,40 @@ def test_variants_that_cannot_work_on_a_quantized_base_are_refused_naming_the_mo
     with pytest.raises(UnsupportedModuleError, match=r"up_proj.*fused quantized projection"):
         lorakit.inject(q, fused)
     assert not list(lorakit.lora_layers(q))
+
+
+def test_dora_with_a_bf16_compute_dtype_autocast_and_disable(toy: Toy) -> None:
+    """compute_dtype=bf16 and bf16 autocast: the fp32 formula to bf16 accuracy, fp32 grads on m, A, B;
+    disable_adapters gives the bare quantized base."""
+    ref = _adapted(toy, use_dora=True)
+    c = quantize_base(copy.deepcopy(toy), "nf4", compute_dtype=torch.bfloat16)
+    lorakit.inject(c, lorakit.LoraConfig(r=4, alpha=8, targets=TARGETS, use_dora=True))
+    c.load_state_dict(lorakit.lora_state_dict(ref), strict=False)
+    x = torch.randn(3, 64)
+    want = x @ _dora_weight(ref.q_proj, torch.float32).T + ref.q_proj.bias
+    out = c.q_proj(x)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and (out - want).abs().max() < 0.03 * want.abs().max()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in (c.q_proj.lora_A, c.q_proj.lora_B, c.q_proj.lora_magnitude_vector))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = ref.q_proj(x)
+    assert yb.dtype == torch.bfloat16 and (yb.float() - want).abs().max() < 0.03 * want.abs().max()
+    with torch.no_grad(), lorakit.disable_adapters(ref):
+        base = x @ reference_dequantize(ref.q_proj.quant_base).T + ref.q_proj.bias
+        assert torch.allclose(ref.q_proj(x), base, atol=2e-5) and (base - want).abs().max() > 1e-2
+
+
+def test_dora_gradient_checkpointing_gives_the_same_grads(toy: Toy) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    m = _adapted(toy, use_dora=True)
+    x = torch.randn(2, 6, 64)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        y = checkpoint(m.q_proj, x, use_reentrant=False) if ckpt else m.q_proj(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([p.grad.clone() for p in (m.q_proj.lora_A, m.q_proj.lora_B, m.q_proj.lora_magnitude_vector)])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6) and a.abs().max() > 0
