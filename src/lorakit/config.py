@@ -23,8 +23,8 @@ from .errors import LoraConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian", "random", "pissa", "pissa_niter_<K>", "olora")
-_INIT_RE = re.compile(r"kaiming|gaussian|random|pissa|pissa_niter_[1-9][0-9]*|olora")
+INIT_MODES = ("kaiming", "gaussian", "random", "pissa", "pissa_niter_<K>", "olora", "loftq", "loftq_iter_<T>")
+_INIT_RE = re.compile(r"kaiming|gaussian|random|pissa|pissa_niter_[1-9][0-9]*|olora|loftq|loftq_iter_[1-9][0-9]*")
 
 #: PEFT name -> lorakit name.
 ALIASES = {
@@ -51,6 +51,16 @@ _PEFT_UNSUPPORTED = {
     "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
 }
 _OFF_VALUES = (None, False, {}, [], "megatron.core", 16, {"ephemeral_gpu_offload": False})
+
+
+def _loftq_init(cfg: Any) -> str:
+    """PEFT's ``loftq_config`` as a lorakit init string (the bit width is chosen by ``quantize_base``)."""
+    if not isinstance(cfg, Mapping) or set(cfg) - {"loftq_bits", "loftq_iter"}:
+        raise LoraConfigError(f"loftq_config: expected {{'loftq_bits': 4 | 8, 'loftq_iter': T}}, got {cfg!r}")
+    bits, it = cfg.get("loftq_bits", 4), cfg.get("loftq_iter", 1)
+    if bits not in (4, 8) or not _is_int(it) or it < 1:
+        raise LoraConfigError(f"loftq_config: loftq_bits must be 4 or 8 and loftq_iter >= 1, got {cfg!r}")
+    return "loftq" if it == 1 else f"loftq_iter_{it}"
 
 
 def _is_int(x: Any) -> bool:
@@ -83,7 +93,9 @@ class LoraConfig:
         init: ``"kaiming"`` (A Kaiming-uniform, B zero: the paper's choice), ``"gaussian"``
             (A normal with std 1/r, B zero), ``"random"`` (B random too: the adapter does not start
             at the base model; for tests), or ``"pissa"`` / ``"pissa_niter_<K>"`` / ``"olora"``
-            (principal part of W0 into A, B; the residual stays in W0: :mod:`lorakit.variants.init`).
+            (principal part of W0 into A, B; the residual stays in W0: :mod:`lorakit.variants.init`),
+            or ``"loftq"`` / ``"loftq_iter_<T>"`` (LoftQ: :func:`lorakit.quantize_base` fits the
+            quantized base and A, B together, :mod:`lorakit.quant.loftq`).
         fused: ``{name: [bool, ...]}`` for fused projections (one Linear holding q, k, v): only the
             enabled equal slices of the output get LoRA, as loralib's ``MergedLinear``.
         use_dora: DoRA (arXiv:2402.09353), a trainable magnitude per output: :mod:`lorakit.variants.dora`.
@@ -191,6 +203,9 @@ class LoraConfig:
                                   "(as in PEFT); put the layer index in the regex instead")
         if self.use_dora and self.lora_bias:
             raise LoraConfigError("use_dora=True with lora_bias=True: DoRA has no LoRA bias (PEFT refuses it too)")
+        if self.use_dora and self.init.startswith("loftq"):
+            raise LoraConfigError(f"use_dora=True with init={self.init!r}: DoRA's magnitude is the norm of W0 at "
+                                  "inject, and LoftQ replaces W0 later in quantize_base; use one of them")
         if self.lora_bias and self.init not in ("kaiming", "random"):
             raise LoraConfigError(f"lora_bias=True works with init 'kaiming' or 'random' (as PEFT), got {self.init!r}")
         if not isinstance(self.use_rslora, bool):
@@ -224,7 +239,7 @@ class LoraConfig:
         """Build from lorakit or PEFT field names; unknown fields raise, naming them."""
         kw: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = []
+        unknown, loftq = [], None
         for k, v in d.items():
             key = ALIASES.get(k, k)
             if key in names:
@@ -234,6 +249,8 @@ class LoraConfig:
             elif k in _PEFT_METADATA:
                 if k == "peft_type" and v not in (None, "LORA"):
                     raise LoraConfigError(f"peft_type: lorakit reads LORA adapters, got {v!r}")
+            elif k == "loftq_config" and v:
+                loftq = _loftq_init(v)
             elif k in _PEFT_UNSUPPORTED:
                 if not any(v == off and type(v) is type(off) for off in _OFF_VALUES):
                     raise LoraConfigError(f"{k}={v!r}: this PEFT feature is not supported by lorakit")
@@ -246,6 +263,10 @@ class LoraConfig:
             kw["targets"] = ()  # PEFT: parameters only
         if kw.get("targets") is None and "targets" in kw:
             raise LoraConfigError("targets/target_modules: missing (null); name the modules to adapt")
+        if loftq is not None or kw.get("init") == "loftq":
+            if kw.get("init") != "loftq":
+                raise LoraConfigError("loftq_config is given but init_lora_weights is not 'loftq'")
+            kw["init"] = loftq or "loftq"
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,6 +291,8 @@ class LoraConfig:
                      task_type: str | None = None, ranks: Mapping[str, int] | None = None) -> dict[str, Any]:
         """PEFT's `adapter_config.json` fields for this config."""
         init: Any = {"kaiming": True, "random": False}.get(self.init, self.init)
+        if isinstance(init, str) and init.startswith("loftq"):
+            init = True  # trained LoftQ factors are a plain adapter on the quantized base (PEFT would re-fit them)
         return {
             "peft_type": "LORA",
             "task_type": task_type,

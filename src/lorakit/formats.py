@@ -230,7 +230,7 @@ def load_adapter_dir(model: nn.Module, path: str | os.PathLike, *, allow_nonfini
             r=config.r, alpha=config.alpha, dropout=config.dropout, targets=tuple(ranks), bias=config.bias,
             trainable=config.trainable, rank_pattern={rf"{_escape(m)}": r for m, r in ranks.items()},
             alpha_pattern={_escape(m): _alpha_at(config, m, r) for m, r in ranks.items()}, use_rslora=config.use_rslora,
-            init="kaiming" if is_weight_init(config.init) else config.init,  # never rewrite W0 on load
+            init="kaiming" if is_weight_init(config.init) or "loftq" in config.init else config.init,  # keep W0
             fused={_escape(m): v for m, v in config.fused.items() if _any_match(m, ranks)},
             use_dora=config.use_dora, lora_bias=config.lora_bias)
         try:

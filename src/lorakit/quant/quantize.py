@@ -25,6 +25,7 @@ from ..checks import takes_model
 from ..errors import QuantizationError
 from ..layers import LoraLayer, is_conv1d_like
 from . import backend as QB
+from . import loftq as QL
 from . import memory as QM
 from . import streaming as QS
 from . import weights as QW
@@ -188,6 +189,8 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", *, skip: Sequence[s
         compute_dtype: dtype the quantized layers dequantize into and compute in; None: the input's.
         blocksize: values per 4-bit absmax block (QLoRA uses 64).
 
+    LoRA layers injected with ``init="loftq"`` get LoftQ's base and factors (:mod:`lorakit.quant.loftq`).
+
     Raises:
         QuantizationError: unknown type or compute dtype, or a layer already quantized.
         QuantBackendError: bitsandbytes is not installed (``pip install 'lorakit[quant]'``).
@@ -201,18 +204,25 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", *, skip: Sequence[s
                                 f"skipped: {skipped or 'none'})")
     stream = QS.is_skeleton(model)  # on meta: each float weight read from the file, quantized, let go
     pairs = QS.float_weights(model, found) if stream else ((name, m, None) for name, m in found)
-    built = [(name, m, quantized_linear(m, opts, w)) for name, m, w in pairs]  # every layer built before any swap
+    built, fits = [], {}
+    for name, m, w in pairs:  # every layer built before any swap
+        fit = QL.loftq_for_layer(m, opts, w)  # LoRA layers marked init="loftq": Q and (A, B) fitted together
+        if fit is not None:
+            w, fits[name] = fit[0], fit[1:]
+        built.append((name, m, quantized_linear(m, opts, w)))
     from ..inject import _set_module
     from .layer import adopt_quantized_base
 
     for name, m, q in built:
+        if name in fits:
+            QL.adopt_factors(m, *fits[name])
         if isinstance(m, LoraLayer):
             adopt_quantized_base(m, q)
         else:
             _set_module(model, name, q)
     if stream:
         QS.materialise_rest(model, [name for name, _, _ in built])
-    del built, found, m, q  # the last references to the replaced float weights
+    del built, fits, found, m, q, w, fit  # the last references to the replaced float weights
     QM.own_file_backed(model)  # the mmapped checkpoint's pages, read while quantizing, go with the map
     QM.release_freed()  # the freed float weights go back to the kernel (see lorakit.quant.memory)
     model._lorakit_quant_skipped = dict(getattr(model, "_lorakit_quant_skipped", {}), **skipped)

@@ -23,6 +23,10 @@ __all__ = ["LoraVariant", "apply_spec", "attach", "check_spec", "detach", "initi
            "register_variant", "to_plain_lora", "variant_of"]
 
 
+def _is_loftq(init: str) -> bool:
+    return isinstance(init, str) and init.startswith("loftq")
+
+
 def _variant_name(use_dora: bool, lora_bias: bool) -> str | None:
     return "use_dora" if use_dora else "lora_bias" if lora_bias else None
 
@@ -30,7 +34,11 @@ def _variant_name(use_dora: bool, lora_bias: bool) -> str | None:
 def check_spec(layer: nn.Module, *, use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
                where: str = "") -> None:
     """Raise (typed, naming ``where``) if :func:`apply_spec` would refuse this layer; changes nothing."""
-    if is_weight_init(init):
+    if _is_loftq(init):
+        from ..quant.loftq import mark_loftq
+
+        mark_loftq(layer, init, where, check_only=True)
+    elif is_weight_init(init):
         check_init(layer, init, where)
     name = _variant_name(use_dora, lora_bias)
     if name is not None:
@@ -41,7 +49,11 @@ def apply_spec(layer: nn.Module, *, use_dora: bool = False, lora_bias: bool = Fa
                where: str = "") -> nn.Module:
     """Apply a layer spec's init and variant to a freshly built LoRA layer (PEFT's order: the
     initialisation first, then the variant, so DoRA's magnitude is the norm of the initialised weight)."""
-    if is_weight_init(init):
+    if _is_loftq(init):
+        from ..quant.loftq import mark_loftq
+
+        mark_loftq(layer, init, where)  # quantize_base fits Q, A and B later
+    elif is_weight_init(init):
         apply_init(layer, init, where)
     attach(layer, _variant_name(use_dora, lora_bias), where)
     return layer
