@@ -7,12 +7,16 @@ without it everything degrades to a single process with rank 0.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from lorakit.train.errors import CollectiveTimeoutError
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,32 @@ def collective_timeout() -> timedelta:
     """Bound on every collective: ``$LORAKIT_DIST_TIMEOUT`` seconds (default 1800, torch's own default);
     a rank that dies makes the others fail with a timeout error instead of hanging."""
     return timedelta(seconds=float(os.environ.get("LORAKIT_DIST_TIMEOUT", "1800")))
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A backend's collective timeout (gloo: "Timed out waiting 60000ms for recv"; NCCL's watchdog:
+    "Watchdog caught collective operation timeout"; the c10d store: "wait timeout")."""
+    if not isinstance(exc, (RuntimeError, dist.DistError)) or isinstance(exc, CollectiveTimeoutError):
+        return False
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+@contextmanager
+def named_timeouts() -> Iterator[None]:
+    """Inside: a collective that times out raises :class:`CollectiveTimeoutError` naming
+    ``LORAKIT_DIST_TIMEOUT`` (its value, this rank) instead of the backend's bare message."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_timeout(exc):
+            raise
+        rank = os.environ.get("RANK", "0")
+        raise CollectiveTimeoutError(
+            f"rank {rank}: a collective did not complete within LORAKIT_DIST_TIMEOUT="
+            f"{collective_timeout().total_seconds():g} s (another rank died or is stuck; raise "
+            f"LORAKIT_DIST_TIMEOUT if steps are legitimately slower). Backend: {str(exc).splitlines()[0][:300]}"
+        ) from exc
 
 
 def teardown(ctx: DistContext) -> None:

@@ -35,3 +35,8 @@ class FSDPLaunchError(TrainConfigError):
 
 class FSDPBlockError(TrainConfigError):
     """``--fsdp-block`` names a module class the model does not contain; the message lists those it does."""
+
+
+class CollectiveTimeoutError(LoraError, RuntimeError):
+    """A collective (all-reduce, all-gather, barrier...) did not complete within ``LORAKIT_DIST_TIMEOUT``:
+    another rank died or is stuck. The message names the variable, its value and this rank."""

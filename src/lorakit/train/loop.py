@@ -311,4 +311,5 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``lorakit train`` with a validated config; returns the results dict (empty on ranks > 0)."""
-    return Trainer(cfg).run()
+    with dd.named_timeouts():  # a collective past LORAKIT_DIST_TIMEOUT: CollectiveTimeoutError naming it
+        return Trainer(cfg).run()
