@@ -13,7 +13,7 @@ bytes are exactly the ``Q_T`` the factors were fitted to (re-quantizing ``dequan
 identity with double quantization, so it is never done).
 
 Differences from PEFT's ``loftq_init``: the factors absorb the LoRA scaling ``s = alpha / r``
-(PEFT fits ``B A`` itself, which is the same only when ``alpha == r``), and it runs on CPU.
+(PEFT fits ``B A`` itself, the same only when ``alpha == r``: peft#1982), and it runs on CPU.
 With one step (the default, as PEFT's) ``Q_1 = quant(W)`` is the base any later
 ``quantize_base(float_model)`` with the same options produces, so the trained adapter ships as an
 ordinary QLoRA adapter; with more steps ``Q_T`` is specific to this run: keep the quantized model
