@@ -11,7 +11,7 @@ import importlib.util
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -24,6 +24,8 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, AdapterMismatchError, AdapterNotFoundError, LoraError
 from lorakit.formats import read_adapter
 
+from .param_pairs import ParamPair, split_param_pairs
+
 __all__ = [
     "AnalysisError",
     "AnalysisMismatchError",
@@ -31,6 +33,7 @@ __all__ = [
     "LoraModule",
     "load_adapter",
     "load_base_weights",
+    "read_base",
     "resolve_base",
 ]
 
@@ -58,6 +61,9 @@ class LoraModule:
     A: Tensor
     B: Tensor
     scaling: float
+    #: a parameter target's full name (its base tensor) and expert index (:mod:`.param_pairs`)
+    param: str | None = None
+    expert: int | None = None
 
     @property
     def r(self) -> int:
@@ -160,16 +166,40 @@ def _read(path: str | Path) -> tuple[_Config | None, dict[str, Tensor]]:
     return config, _read_safetensors(p)
 
 
-def _build(source: str, config: _Config | None, tensors: Mapping[str, Tensor]) -> Adapter:
+def _param_modules(source: str, config: _Config, pairs: list[ParamPair]) -> dict[str, LoraModule]:
+    """Per-expert modules of the parameter targets: ``ΔW_e = s B_e A_e`` (out, in)."""
+    out: dict[str, LoraModule] = {}
+    for p in pairs:
+        r = config.lora.rank_for(p.key) if p.named else config.lora.r
+        A, B = p.A.detach().to(torch.float64), p.B.detach().to(torch.float64)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] % r or A.shape[0] != B.shape[1]:
+            raise AnalysisMismatchError(f"{source}: parameter {p.key} has lora_A {tuple(A.shape)}, lora_B "
+                                        f"{tuple(B.shape)}; PEFT's layout is (r*E, in) / (out, r*E) with r={r}")
+        e = A.shape[0] // r
+        A3, B3 = A.view(e, r, A.shape[1]), B.view(B.shape[0], r, e)  # rows expert-major, columns expert-minor
+        scaling = config.scaling(p.key, r)
+        for i in range(e):
+            name = f"{p.key}[{i}]" if e > 1 else p.key
+            out[name] = LoraModule(name, A3[i].contiguous(), B3[:, :, i].contiguous(), scaling,
+                                   p.key if p.named else None, i if e > 1 else None)
+    return out
+
+
+def _build(source: str, config: _Config | None, tensors: Mapping[str, Tensor],
+           order: Callable[[str], list[str]] | None = None) -> Adapter:
+    params: dict[str, LoraModule] = {}
+    if config is not None and config.lora.target_parameters:
+        tensors, found = split_param_pairs(source, config.lora, tensors, order)
+        params = _param_modules(source, config, found)
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
             continue
         pairs.setdefault(m["mod"], {})[m["ab"]] = t
-    if not pairs:
+    if not pairs and not params:
         raise AdapterFormatError(f"{source}: no lora_A/lora_B tensors found (keys: {list(tensors)[:5]}...)")
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraModule] = dict(params)
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
@@ -195,13 +225,14 @@ def _build(source: str, config: _Config | None, tensors: Mapping[str, Tensor]) -
     return Adapter(source, modules, config.describe() if config else {}, scaling_known=config is not None)
 
 
-def load_adapter(adapter: AdapterLike) -> Adapter:
-    """Load an adapter from a directory, a ``.safetensors`` file or an in-memory state dict."""
+def load_adapter(adapter: AdapterLike, base: BaseState | None = None) -> Adapter:
+    """Load an adapter from a directory, a ``.safetensors`` file or an in-memory state dict;
+    ``base`` (:func:`read_base`) orders several parameter targets of one module (:mod:`.param_pairs`)."""
     if isinstance(adapter, Adapter):
         return adapter
     if isinstance(adapter, (str, Path)):
         config, tensors = _read(adapter)
-        return _build(str(adapter), config, tensors)
+        return _build(str(adapter), config, tensors, base.param_order if base is not None else None)
     if isinstance(adapter, Mapping):
         return _build("<state dict>", None, adapter)
     raise AnalysisError(f"cannot analyze an adapter of type {type(adapter).__name__}")
@@ -220,7 +251,33 @@ def resolve_base(base: str | Path) -> Path:
     return p
 
 
+@dataclass(frozen=True)
+class BaseState:
+    """A base model's state dict, read once (:func:`read_base`)."""
+
+    source: str
+    state: dict[str, Tensor]
+    prefix: str | None
+
+    def param_order(self, owner: str) -> list[str]:
+        """Parameter names directly on module ``owner``, in registration (state-dict) order."""
+        prefixes = {k.split(".", 1)[0] for k in self.state if "." in k} | ({self.prefix} if self.prefix else set())
+        for cand in _candidates(owner, prefixes):
+            mod = cand.removesuffix(".weight")
+            names = [k[len(mod) + 1:] for k in self.state if k.startswith(mod + ".") and "." not in k[len(mod) + 1:]]
+            if names:
+                return names
+        return []
+
+
+def read_base(base: Any) -> BaseState:
+    """Read a base (model directory, preset, ``.safetensors``, state dict or module) once."""
+    return base if isinstance(base, BaseState) else BaseState(*_base_state(base))
+
+
 def _base_state(base: Any) -> tuple[str, dict[str, Tensor], str | None]:
+    if isinstance(base, BaseState):
+        return base.source, base.state, base.prefix
     if isinstance(base, torch.nn.Module):
         return type(base).__name__, dict(base.state_dict()), getattr(base, "base_model_prefix", None)
     if isinstance(base, Mapping):
@@ -252,10 +309,18 @@ def load_base_weights(base: Any, adapter: Adapter) -> tuple[str, dict[str, Tenso
     prefixes = {k.split(".", 1)[0] for k in state if "." in k} | ({model_prefix} if model_prefix else set())
     weights: dict[str, Tensor] = {}
     for name, mod in adapter.modules.items():
-        key = next((c for c in _candidates(name, prefixes) if c in state), None)
+        cands = _candidates(name if mod.param is None else mod.param, prefixes)
+        if mod.param is not None:  # a parameter target: the tensor itself, not <module>.weight
+            cands = [c.removesuffix(".weight") for c in cands]
+        key = next((c for c in cands if c in state), None)
         if key is None:
             raise AnalysisMismatchError(f"base {source} has no weight for adapted module {name}")
         W = state[key].detach().to(torch.float64)
+        if mod.expert is not None:
+            if W.dim() != 3 or W.shape[0] <= mod.expert:
+                raise AnalysisMismatchError(f"base weight {key} has shape {tuple(W.shape)}; the adapter has "
+                                            f"experts up to {mod.expert} (PEFT's (r*E, in) layout)")
+            W = W[mod.expert]
         want = (mod.out_features, mod.in_features)
         if W.dim() == 2 and tuple(W.shape) != want and tuple(W.shape) == want[::-1]:
             if adapter.fan_in_fan_out or want[0] != want[1]:

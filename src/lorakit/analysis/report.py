@@ -19,6 +19,7 @@ from .loading import (
     LoraModule,
     load_adapter,
     load_base_weights,
+    read_base,
 )
 from .similarity import similarity_report
 from .weights import delta_svd, spectrum_report, weight_projection
@@ -132,11 +133,12 @@ def analyze(
     Always: ΔW singular spectrum and effective ranks. Non-finite numbers become ``None``.
     """
     out = check_output(out_dir, "directory") if out_dir is not None else None  # refused before any work
-    a = load_adapter(adapter)
-    c = load_adapter(compare) if compare is not None else None
+    state = None if base is None else read_base(base)  # first: it orders parameter targets (.param_pairs)
+    a = load_adapter(adapter, state)
+    c = load_adapter(compare, state) if compare is not None else None
     if c is not None:
         check_compatible(a, c)
-    base_source, weights = (None, {}) if base is None else load_base_weights(base, a)
+    base_source, weights = (None, {}) if state is None else load_base_weights(state, a)
     modules: dict[str, dict[str, Any]] = {}
     for name in sorted(a.modules, key=natural_key):
         ma = a.modules[name]
