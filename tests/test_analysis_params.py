@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.variants.test_param_targets import _tiny_moe
 
 from lorakit.analysis.loading import load_adapter, load_base_weights, read_base
 from lorakit.errors import AdapterFormatError
-
-from tests.variants.test_param_targets import _tiny_moe
 
 peft = pytest.importorskip("peft", reason="peft writes the reference adapters")
 if not hasattr(peft.LoraConfig(), "target_parameters"):
