@@ -143,3 +143,13 @@ def test_peft_dropout_form_is_refused_in_training_mixed_batches() -> None:
     model.eval()
     with lorakit.batch_adapters(model, ["default", "b"]):  # no dropout in eval: the forms agree
         model(x)
+
+
+def test_peft_refuses_what_lorakit_does_here() -> None:
+    """The README's PEFT column: PEFT 0.21 refuses ``adapter_names`` with DoRA; lorakit's rows above."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(nn.Sequential(nn.Linear(4, 3)), peft.LoraConfig(r=2, target_modules=["0"], use_dora=True),
+                             adapter_name="x")
+    pm.add_adapter("y", peft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        pm.eval()(torch.randn(2, 4), adapter_names=["x", "y"])
