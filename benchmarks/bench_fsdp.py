@@ -66,6 +66,34 @@ def local_bytes(model: nn.Module, trainable: bool) -> int:
     return total
 
 
+def resident_base_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen base this rank keeps alive, by distinct storage: the registered frozen parameters
+    (local shards), the base modules LoRA layers keep as ``_lora_original`` (their Parameters, which sharding
+    must not leave whole) and bitsandbytes quantization states (absmax, code, nested state)."""
+    from torch.distributed.tensor import DTensor
+
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            t = t._local_tensor if isinstance(t, DTensor) else t
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for p in model.parameters():
+        if not p.requires_grad:
+            add(p)
+    for m in model.modules():
+        for mod in (m, *(m.__dict__.get("_lora_original") or ())):
+            for p in mod.parameters(recurse=False):
+                if not p.requires_grad:
+                    add(p)
+            for qs in (getattr(mod, "quant_state", None), getattr(getattr(mod, "weight", None), "quant_state", None)):
+                for st in (qs, getattr(qs, "state2", None)):
+                    for name in ("absmax", "code"):
+                        add(getattr(st, name, None))
+    return sum(seen.values())
+
+
 def wrap(model: nn.Module, variant: str, ctx: Any) -> Any:
     from lorakit.train import fsdp
 
@@ -77,7 +105,7 @@ def wrap(model: nn.Module, variant: str, ctx: Any) -> Any:
     return fsdp.shard(model, cfg, ctx, lora="replicated" if variant == "fsdp-replicated" else "sharded")
 
 
-def load_like_trainer(preset: str, variant: str, ctx: Any) -> tuple[nn.Module, int]:
+def load_like_trainer(preset: str, variant: str, ctx: Any, quantize: str | None = None) -> tuple[nn.Module, int]:
     """``preset``'s real weights loaded as ``lorakit train`` does: the full model on every rank (ddp) or
     the meta-device skeleton whose shards each rank reads after ``fully_shard`` (fsdp variants); LoRA r=8 q/v
     on an sst2-style classifier. Returns the model and the full base's bytes."""
@@ -87,21 +115,30 @@ def load_like_trainer(preset: str, variant: str, ctx: Any) -> tuple[nn.Module, i
 
     torch.manual_seed(0)
     src = resolve(preset)
-    if variant == "ddp":
+    if variant == "ddp" or quantize:  # --fsdp --quantize: the full load, quantized, on every rank
         model = load_model(src, "classification", 2)
     else:
         model = meta_load.skeleton(src, "classification", 2, ctx)
+    if quantize:
+        from lorakit.train.models import quantize_for_training
+
+        quantize_for_training(model, quantize)
     apply_method(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
-    full = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    return model, full
+    if meta_load.is_skeleton(model):  # nothing allocated yet: the bytes the file's tensors will take
+        return model, sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return model, resident_base_bytes(model)
 
 
 def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if args.load:
-        model, full_base = load_like_trainer(args.load, variant, ctx)
+        model, full_base = load_like_trainer(args.load, variant, ctx, args.quantize)
     else:
         model = build(args.model)
-        full_base = local_bytes(model, trainable=False)
+        if args.quantize:
+            from lorakit.train.models import quantize_for_training
+
+            quantize_for_training(model, args.quantize)
+        full_base = resident_base_bytes(model)
     rss_loaded = rss_mb()
     wrapped = wrap(model, variant, ctx)
     gc.collect()
@@ -125,7 +162,7 @@ def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     out = {
         "variant": variant,
         "base_bytes_full": full_base,
-        "base_bytes_rank": local_bytes(model, trainable=False),
+        "base_bytes_rank": resident_base_bytes(model),
         "lora_bytes_rank": local_bytes(model, trainable=True),
         "rss_mb_loaded": rss_loaded,  # after loading (and LoRA), before sharding
         "rss_mb_after": rss_mb(),
@@ -144,6 +181,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                    help="quantize the base first (bitsandbytes), as `lorakit train --quantize` does")
     ap.add_argument("--json", default=None, help="rank 0 also writes the rows here")
     ap.add_argument("--load", default=None, help="a preset (smollm2) loaded as `lorakit train` loads it: full "
                     "model per rank for ddp, meta-device skeleton + per-rank shards for fsdp; one variant per "

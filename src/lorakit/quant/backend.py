@@ -97,7 +97,8 @@ def kind_of(module: nn.Module) -> str | None:
     if is_8bit(module):
         return "int8"
     if is_4bit(module):
-        qs = getattr(module.weight, "quant_state", None)
+        # bitsandbytes mirrors the state on the module; FSDP2 swaps the Params4bit weight for a plain shard
+        qs = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
         return str(getattr(qs, "quant_type", None) or getattr(module.weight, "quant_type", "fp4"))
     return None
 

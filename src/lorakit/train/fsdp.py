@@ -239,9 +239,12 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
     kw["offload_policy"] = CPUOffloadPolicy(pin_memory=pin) if cfg.fsdp_offload else OffloadPolicy()
     if bf16 and ctx.device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for b in blocks:
-        fully_shard(b, **kw)
-    fully_shard(model, **kw)
+    from lorakit.train.fsdp_alias import visible_bases
+
+    with visible_bases(model):  # the base modules LoRA layers wrap: their shared weights sharded on both
+        for b in blocks:
+            fully_shard(b, **kw)
+        fully_shard(model, **kw)
     if skeleton:  # to_empty gives the replicated trainables new Parameter objects
         meta_load.materialise(model, torch.device("cpu") if cfg.fsdp_offload else ctx.device)
         trainable = _replicated(model, lora, named)
