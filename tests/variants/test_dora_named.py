@@ -118,12 +118,49 @@ def test_named_dora_initial_magnitude_is_the_norm_and_only_the_active_trains() -
     assert "d" not in layer.lora_named_magnitude
 
 
-def test_several_active_dora_adapters_and_combine_are_refused(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("case", NAMED_CASES)
+def test_several_active_dora_adapters_sum_their_updates_as_peft(case: str, tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(8)
+    build, targets, inp = CASES[case]
+    base = build()
+    pm = _peft_two(base, targets)
+    pm.add_adapter("plain", peft.LoraConfig(r=2, lora_alpha=3, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".plain" in n and ("lora_B" in n or "lora_embedding_B" in n):
+                p.normal_(0, 0.3)
+    pm.eval()
+    for n in ("sql", "chat", "plain"):
+        d = tmp_path / n
+        pm.save_pretrained(tmp_path, selected_adapters=[n])
+        assert d.is_dir() or n == "default"
+    ours = copy.deepcopy(base)
+    for n in ("sql", "chat", "plain"):
+        lorakit.load_adapter(ours, tmp_path / n, name=n)
+    ours.eval()
+    x = inp()
+    for names in (["sql", "chat"], ["chat", "plain"], ["sql", "chat", "plain"]):
+        pm.base_model.set_adapter(names)
+        lorakit.set_adapter(ours, names)
+        with torch.no_grad():
+            want, got = pm(x), ours(x)
+        assert (got - want).abs().max().item() < 1e-5, names
+    with pytest.raises(UnsupportedModuleError, match="cannot be merged"):
+        lorakit.merge(ours)
+    assert not any(m.merged for _, m in lora_layers(ours))
+    lorakit.set_adapter(ours, "chat")  # back to one adapter: merge works again
+    pm.set_adapter("chat")
+    lorakit.merge(ours)
+    with torch.no_grad():
+        assert (ours(x) - pm(x)).abs().max().item() < 1e-5
+    with pytest.raises(UnsupportedModuleError, match="merged"):
+        lorakit.set_adapter(ours, ["sql", "chat"])  # refused before anything changes
+    assert lorakit.active_adapters(ours) == ["chat"]
+
+
+def test_combine_of_dora_adapters_is_refused() -> None:
     model = lorakit.inject(nn.Sequential(nn.Linear(6, 6)), LoraConfig(r=2, targets=["0"], use_dora=True))
     lorakit.add_adapter(model, "b", LoraConfig(r=2, targets=["0"], use_dora=True))
-    with pytest.raises(UnsupportedModuleError, match="DoRA adapter on '0'"):
-        lorakit.set_adapter(model, ["default", "b"])
-    assert lorakit.active_adapters(model) == ["default"]
     for method in ("linear", "cat", "svd", "ties"):
         with pytest.raises(UnsupportedModuleError, match="DoRA"):
             lorakit.combine(model, {"default": 1.0, "b": 1.0}, method=method, name="x", rank=2, density=0.5)

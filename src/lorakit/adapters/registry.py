@@ -23,7 +23,8 @@ lacks the active adapter acts as the base layer for it.
 Only active adapters have ``requires_grad=True``. Several active adapters add their updates (the
 layer then reads a rank concatenation, computed on access). A DoRA adapter's slot carries its own
 variant object and magnitude (:mod:`lorakit.variants.named`); switching points the layer's
-``lora_variant`` at it. Several active adapters are refused when one of them is DoRA.
+``lora_variant`` at it. Several active adapters with a DoRA one among them follow PEFT's sequential
+rule (:class:`lorakit.variants.named.SummedVariants`, unmerged only).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ..inject import (
     lora_layers,
 )
 from ..layers import LoraLayer
+from ..variants.named import SummedVariants
 
 DEFAULT = "default"
 #: Row name meaning "no adapter" in a mixed batch.
@@ -115,6 +117,16 @@ def _default_slot(layer: LoraLayer) -> Slot | None:
                 getattr(layer, "use_rslora", False), layer.lora_dropout, layer.__dict__.get("lora_variant"))
 
 
+def _point_slot(layer: LoraLayer, s: Slot) -> None:
+    """Make ``layer`` use the one adapter ``s`` (its pair, hyper-parameters, dropout and variant)."""
+    d = layer.__dict__
+    own = layer._parameters.get("lora_A") is s.A  # type: ignore[attr-defined]
+    d["_lora_sel"] = None if own else (s.A, s.B)
+    d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = s.r, s.alpha, s.scaling, s.use_rslora
+    layer._modules["lora_dropout"] = s.dropout  # type: ignore[attr-defined]
+    _set_variant(layer, s.variant)
+
+
 def _set_variant(layer: LoraLayer, variant: Any) -> None:
     if variant is None:
         layer.__dict__.pop("lora_variant", None)
@@ -131,14 +143,12 @@ def _point(layer: LoraLayer, names: Sequence[str]) -> None:
         d["_lora_sel"] = _ABSENT
         return
     if len(present) == 1:
-        s = present[0]
-        own = layer._parameters.get("lora_A") is s.A  # type: ignore[attr-defined]
-        d["_lora_sel"] = None if own else (s.A, s.B)
-        d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = s.r, s.alpha, s.scaling, s.use_rslora
-        layer._modules["lora_dropout"] = s.dropout  # type: ignore[attr-defined]
-        _set_variant(layer, s.variant)
+        _point_slot(layer, present[0])
         return
-    _set_variant(layer, None)  # several active: plain LoRA slots only (set_adapter refuses variants)
+    # several active: the rank concatenation; with a DoRA adapter among them, PEFT's sum of each
+    # adapter's own update (lorakit.variants.named.SummedVariants; merging it is refused)
+    summed = any(s.variant is not None for s in present)
+    _set_variant(layer, SummedVariants(present, _point_slot) if summed else None)
     d["_lora_sel"] = _Concat(present, getattr(layer, "num_experts", 1))
     total = sum(s.r for s in present)
     d["r"], d["lora_alpha"], d["scaling"], d["use_rslora"] = total, float(total), 1.0, False
@@ -247,16 +257,19 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
 
 def _refuse_variants_summed(reg: _Registry, names: tuple[str, ...]) -> None:
-    """Several active adapters add their ``B A``; a variant's update (DoRA's m / ||W0 + sBA||) does not add."""
+    """Several active adapters with a variant (DoRA) among them sum their updates unmerged only."""
     for mod_name, layer in reg.layers:
         slots = _slots(layer)
         for n in names:
             v = slots[n].variant if n in slots else None
-            if v is not None:
+            if v is not None and not hasattr(v, "output_factor"):
                 raise UnsupportedModuleError(
                     f"set_adapter({list(names)}): adapter {n!r} is a {v.describe()} adapter on {mod_name!r}; "
-                    "several active adapters add their B A, which is not defined for a variant: activate one "
-                    "adapter, or use batch_adapters for one adapter per row")
+                    "several active adapters are supported beside float-base DoRA adapters only")
+            if v is not None and layer.merged:
+                raise UnsupportedModuleError(
+                    f"set_adapter({list(names)}): adapter {n!r} is a {v.describe()} adapter on {mod_name!r}, "
+                    "which is merged; several active adapters with a variant cannot be merged: unmerge first")
 
 
 @contextlib.contextmanager

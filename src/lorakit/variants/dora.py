@@ -138,6 +138,10 @@ class _Dora(LoraVariant):
         each adapter's rows by it (:mod:`lorakit.adapters.mixed_dora`)."""
         return self._factor(layer, self.norm(layer, A, B, scaling)).view(-1)
 
+    def output_factor(self, layer: nn.Module, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+        """:meth:`row_factor` shaped to broadcast over the layer's output (outputs on the last axis)."""
+        return self.row_factor(layer, A, B, scaling)
+
     def _factor(self, layer: nn.Module, n: Tensor) -> Tensor:
         """``m / n`` (fp32, differentiable in m) shaped like ``n``."""
         return self.magnitude(layer).float().reshape(n.shape) / n
@@ -264,6 +268,10 @@ class DoraConv(_Dora):
 
     def _matrix(self, layer: nn.Module, w: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return w.reshape(B.shape[0], A.shape[1])  # loralib layout: k rows of B A per out channel
+
+    def output_factor(self, layer: nn.Module, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+        w = layer._weight_param()
+        return self.row_factor(layer, A, B, scaling).view(1, -1, *([1] * (w.dim() - 2)))  # (1, out, 1, ...)
 
     def forward(self, layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         conv = layer._conv()
