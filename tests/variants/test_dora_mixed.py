@@ -153,3 +153,35 @@ def test_peft_refuses_what_lorakit_does_here() -> None:
     pm.add_adapter("y", peft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         pm.eval()(torch.randn(2, 4), adapter_names=["x", "y"])
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt2_conv1d", "embedding"])
+def test_mixed_rows_equal_each_adapter_alone(case: str) -> None:
+    """Every layer kind DoRA mixed batches take (Linear with/without bias, GPT-2 Conv1D, Embedding):
+    row i of the mixed batch = the model with row i's adapter alone (that path: PEFT-tested)."""
+    from .test_dora import CASES, _perturb
+
+    torch.manual_seed(9)
+    build, targets, inp = CASES[case]
+    model = lorakit.inject(build(), LoraConfig(r=2, alpha=5, targets=targets, use_dora=True))
+    lorakit.add_adapter(model, "chat", LoraConfig(r=3, alpha=4, targets=targets, use_dora=True))
+    lorakit.add_adapter(model, "plain", LoraConfig(r=2, alpha=2, targets=targets, init="random"))
+    _perturb(model)
+    with torch.no_grad():  # the named adapters' B too (_perturb matches "lora_B" only)
+        for n, p in model.named_parameters():
+            if "lora_named_B" in n:
+                p.normal_(0, 0.3)
+    model.eval()
+    x = inp()
+    rows = ["chat", "base", "default", "plain", "chat"][: x.shape[0]]
+    with torch.no_grad():
+        with lorakit.batch_adapters(model, rows):
+            got = model(x)
+        for i, name in enumerate(rows):
+            if name == "base":
+                with lorakit.disable_adapters(model):
+                    want = model(x[i:i + 1])
+            else:
+                lorakit.set_adapter(model, name)
+                want = model(x[i:i + 1])
+            assert (got[i:i + 1] - want).abs().max().item() < 1e-5, (i, name)

@@ -68,6 +68,10 @@ def test_lorakit_named_dora_adapters_load_in_peft_with_our_outputs(case: str, tm
     ours = lorakit.inject(copy.deepcopy(base), LoraConfig(r=2, alpha=5, targets=targets, use_dora=True))
     lorakit.add_adapter(ours, "b", LoraConfig(r=3, alpha=4, targets=targets, use_dora=True))
     _perturb(ours)
+    with torch.no_grad():  # the named adapter's B too (_perturb matches "lora_B" only)
+        for n, p in ours.named_parameters():
+            if "lora_named_B" in n:
+                p.normal_(0, 0.3)
     sd = ours.state_dict()
     assert any(".lora_named_magnitude.b" in k for k in sd)
     ours.eval()
