@@ -85,11 +85,15 @@ class _QuantLoraMixin:
             return quant_lora_linear(x, bias, None, None, deq, cdt, 0.0, 0.0, slices, 0)
         p = FU._dropout_p(d["_modules"]["lora_dropout"])
         if p is None or not self.lora_fused or not FU.is_enabled():  # the plain reference
-            w = deq(cdt or x.dtype)
-            return self._plain_quant_forward(x.to(w.dtype), w, bias, A, B)
+            # the base part still through the quantized Function: a dense W0 made here would be saved by
+            # F.linear's autograd for the input gradient, keeping every layer's float weight until backward
+            xc = x.to(cdt or x.dtype)
+            base = quant_lora_linear(xc, bias, None, None, deq, cdt, 0.0, 0.0, slices, 0)
+            return self._plain_quant_forward(xc, base, A, B)
         return quant_lora_linear(x, bias, A, B, deq, cdt, d["scaling"], p, slices, id(A))
 
-    def _plain_quant_forward(self, x: Tensor, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> Tensor:
+    def _plain_quant_forward(self, x: Tensor, base: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """``base`` (``x deq(W0)ᵀ + b``) plus the low-rank path, composed of plain torch ops."""
         raise NotImplementedError
 
     # --- merge ----------------------------------------------------------------------------------
@@ -200,8 +204,8 @@ class QuantLinear(_QuantLoraMixin, Linear):
         new.reset_lora_parameters(init)
         return new
 
-    def _plain_quant_forward(self, x: Tensor, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> Tensor:
-        return LF.lora_linear(x, w, bias, A, B, self.scaling, self.lora_dropout, False)
+    def _plain_quant_forward(self, x: Tensor, base: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return base + LF.lora_path(x, A, B, self.scaling, self.lora_dropout).to(base.dtype)
 
 
 class QuantMergedLinear(_QuantLoraMixin, MergedLinear):
@@ -217,9 +221,9 @@ class QuantMergedLinear(_QuantLoraMixin, MergedLinear):
         new.reset_lora_parameters(init)
         return new
 
-    def _plain_quant_forward(self, x: Tensor, w: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> Tensor:
-        return LF.fused_linear(x, w, bias, A, B, self.scaling, self.enable_lora, self._lora_cols,
-                               self.lora_dropout, False)
+    def _plain_quant_forward(self, x: Tensor, base: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        y = LF.grouped_lora_path(x, A, B, self.scaling, self.enable_lora, self.lora_dropout).to(base.dtype)
+        return base.index_add(-1, self._lora_cols, y)
 
 
 def is_quant_lora(module: nn.Module) -> bool:
