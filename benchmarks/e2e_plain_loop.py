@@ -117,6 +117,9 @@ def load(adapter: str | None = None, *, r: int = 4, alpha: float = 32.0, dropout
     src = resolve("smollm2")
     tok, model = load_tokenizer(src), load_model(src, "generation")
     if adapter:
+        from lorakit.train.models import quantize_like_adapter
+
+        quantize_like_adapter(model, adapter)  # a QLoRA adapter is decoded on the base quantized as in training
         lorakit.load_adapter(model, adapter)
     else:
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=["q_proj", "v_proj"]))
