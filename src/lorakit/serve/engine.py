@@ -10,10 +10,10 @@
 
 Every iteration (see :meth:`Engine._iterate`): run queued model commands (adapter loads and
 unloads), drop cancelled rows, **admit** waiting requests up to ``max_batch`` (their adapters made
-resident, their prompts prefilled together, left-padded, one forward through lorakit's
-mixed-adapter path), then **decode one token for every running row** in one forward
-(``lorakit.batch_adapters`` with each row's adapter; per-row KV cache in :mod:`.kv`, each row's own
-position ids). A finished row (stop string, end of sequence, ``max_tokens``) leaves at once; a
+resident and given a bay, their prompts prefilled together, left-padded, one forward with each
+row's adapter), then **decode one token for every running row** in one forward
+(each row's adapter from :class:`.slots.AdapterBays`, the batch's adapters stacked once per layer;
+per-row KV cache in :mod:`.kv`, each row's own position ids). A finished row (stop string, end of sequence, ``max_tokens``) leaves at once; a
 long request never holds a short one back. The engine imports no web framework.
 """
 
@@ -33,12 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import lorakit
-
 from .adapters_pool import AdapterEntry, AdapterPool
 from .errors import InvalidRequestError, QueueFullError, ServeError, ShuttingDownError
 from .kv import BatchCache, new_cache
 from .sampling import SamplingParams, TextStream, sample
+from .slots import AdapterBays
 
 log = logging.getLogger("lorakit.serve")
 
@@ -117,6 +116,7 @@ class Engine:
         self.waiting: deque[Handle] = deque()
         self.rows: list[_Row] = []
         self.kv = BatchCache()
+        self.bays = AdapterBays(model, min(max_batch, pool.max_loaded))
         self.commands: deque[tuple[Callable[[], Any], cf.Future[Any]]] = deque()
         self.cv = threading.Condition()
         self.accepting = True
@@ -218,12 +218,14 @@ class Engine:
         self._cancel_all(ShuttingDownError("cancelled: the server shut down before this request finished"))
 
     def _iterate(self) -> None:
-        while self.commands:
-            fn, fut = self.commands.popleft()
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(exc)
+        if self.commands:
+            while self.commands:
+                fn, fut = self.commands.popleft()
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+            self.bays.sync()  # a load may have wrapped new modules
         self._drop_cancelled()
         self._admit()
         if self.rows:
@@ -251,11 +253,13 @@ class Engine:
                     break
                 try:
                     name = self.pool.ensure_resident(h.entry) if h.entry is not None else "base"
-                except ServeError as exc:
+                    if name is None or (name != "base" and not self.bays.has_bay(name)):
+                        continue  # every resident adapter / bay is busy: wait for a row to finish
+                    if name != "base":
+                        self.bays.acquire(name)
+                except ServeError as exc:  # the files do not load, or a layer the batch cannot mix
                     self.waiting.remove(h)
                     self._end(h, Event("error", error=exc), 0)
-                    continue
-                if name is None:  # every resident adapter is busy: wait for a row to finish
                     continue
                 self.waiting.remove(h)
                 if h.entry is not None:
@@ -268,7 +272,7 @@ class Engine:
     def _forward(self, names: list[str], cache: Any, **kw: Any) -> tuple[torch.Tensor, Any]:
         """One forward, row i with adapter ``names[i]``: (last-position logits (rows, vocab) fp32, cache)."""
         kw[self._cache_kw] = cache
-        with lorakit.batch_adapters(self.model, names):
+        with self.bays.rows(names, self.device):
             out = self.model(**kw, use_cache=True, **self._keep_kw)
         new = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         return out.logits[:, -1, :].float(), new
@@ -283,8 +287,15 @@ class Engine:
             mask[i, n - lens[i]:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        logits, cache = self._forward([r.adapter for r in rows], new_cache(), input_ids=ids, attention_mask=mask,
-                                      position_ids=pos)
+        try:
+            logits, cache = self._forward([r.adapter for r in rows], new_cache(), input_ids=ids,
+                                          attention_mask=mask, position_ids=pos)
+        except Exception as exc:  # noqa: BLE001 - the new rows are not in the batch yet: end them, the rest go on
+            log.exception("prefill failed")
+            for r in rows:
+                self._end(r.handle, Event("error", error=ServeError(f"internal error: {exc}")), 0)
+                self._release(r)
+            return
         self.kv.add(cache, mask)
         self.rows.extend(rows)
         self._emit(logits, first=len(self.rows) - len(rows))
@@ -341,6 +352,7 @@ class Engine:
         e = r.handle.entry
         if e is not None:
             e.rows -= 1
+            self.bays.release(r.adapter)
 
     def _end(self, h: Handle, ev: Event, count: int) -> None:
         """Send the final event once, unpin the adapter, record the outcome."""
