@@ -59,10 +59,12 @@ def _dora_weight(layer: nn.Module, dtype: torch.dtype = torch.float64) -> torch.
     return layer.lora_magnitude_vector.detach().to(dtype).view(-1, 1) * w / w.norm(dim=1, keepdim=True)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
-def test_dora_forward_and_grads_are_the_plain_formula(toy: Toy, kind: str) -> None:
+def test_dora_forward_and_grads_are_the_plain_formula(toy: Toy, kind: str, fused: bool) -> None:
     m = _adapted(toy, kind, use_dora=True)
     layer = m.q_proj
+    layer.lora_fused = fused  # False: the quantized layer's plain reference path
     assert isinstance(layer, QuantLinear) and isinstance(layer.lora_variant, QuantDora)
     A, B, mag = (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
     x = torch.randn(2, 5, 64)
