@@ -8,6 +8,7 @@ Same matching, validation and errors as ``inject`` (:mod:`lorakit.inject`); the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -67,6 +68,17 @@ class Plan:
         return "\n".join(lines)
 
 
+def _variant_params(module: nn.Module, spec: Any) -> int:
+    """A variant's own trainable tensor: DoRA's magnitude or LoRA bias's ``b_B``, one per output
+    (an Embedding's DoRA: one per embedding dimension)."""
+    if not (getattr(spec, "use_dora", False) or getattr(spec, "lora_bias", False)):
+        return 0
+    if _quant.is_quantized(module):
+        return int(module.out_features)
+    w = module.weight
+    return int(w.shape[1] if isinstance(module, nn.Embedding) or is_conv1d_like(module) else w.shape[0])
+
+
 @takes_model
 def plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Dry run of :func:`inject`: same validation and errors, no change to the model."""
@@ -90,7 +102,7 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
         w = m.module.weight
         if _quant.is_quantized(m.module):  # packed weight: sizes from the layer (lorakit.quant.planning)
             from .quant import planning as QP
-            n = QP.lora_params(m.module, m.spec.r, m.spec.enable)
+            n = QP.lora_params(m.module, m.spec.r, m.spec.enable) + _variant_params(m.module, m.spec)
             out.rows.append(PlanRow(m.name, QP.row_kind(m.module), QP.shape(m.module), m.spec.r, m.spec.alpha, n))
             out.lora_params += n
             continue
@@ -103,6 +115,7 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
             n = m.spec.r * (w.shape[0] + w.shape[1])
         else:
             n = m.spec.r * (w.shape[0] + w[0].numel())
+        n += _variant_params(m.module, m.spec)
         out.rows.append(PlanRow(m.name, type(m.module).__name__, tuple(w.shape), m.spec.r, m.spec.alpha, n))
         out.lora_params += n
     names = [n for n, _ in model.named_modules() if n]

@@ -370,3 +370,15 @@ def test_dora_gradient_checkpointing_gives_the_same_grads(toy: Toy) -> None:
         grads.append([p.grad.clone() for p in (m.q_proj.lora_A, m.q_proj.lora_B, m.q_proj.lora_magnitude_vector)])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6) and a.abs().max() > 0
+
+
+@pytest.mark.parametrize("variant", ["use_dora", "lora_bias"])
+def test_plan_counts_the_variant_tensors_as_inject_makes_them(toy: Toy, variant: str) -> None:
+    targets = TARGETS if variant == "use_dora" else BIASED
+    for model in (quantize_base(copy.deepcopy(toy), "nf4"), copy.deepcopy(toy)):  # quantized and float base
+        cfg = lorakit.LoraConfig(r=4, alpha=8, targets=targets, **{variant: True})
+        p = lorakit.plan(model, cfg)
+        lorakit.inject(model, cfg)
+        made = sum(t.numel() for t in model.parameters() if t.requires_grad)
+        extra = sum(t.numel() for n, t in model.named_parameters() if "magnitude" in n or "lora_B_bias" in n)
+        assert extra > 0 and p.trainable == made
