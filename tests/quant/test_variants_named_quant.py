@@ -98,6 +98,7 @@ def test_mixed_batch_rows_on_nf4_equal_per_adapter_runs(toy: Toy) -> None:
         lorakit.set_adapter(m, "default")
         with lorakit.batch_adapters(m, rows):
             mixed = m(ids)
-    assert all((per[a][i] - per[b][i]).abs().max() > 1e-2 for i, (a, b) in enumerate(zip(rows, rows[1:] + rows[:1])))
+    others = rows[1:] + rows[:1]  # each row's adapter differs from another's on that row
+    assert all((per[a][i] - per[b][i]).abs().max() > 1e-2 for i, (a, b) in enumerate(zip(rows, others, strict=True)))
     for i, n in enumerate(rows):
         assert torch.allclose(mixed[i], per[n][i], atol=2e-5, rtol=1e-5), n
