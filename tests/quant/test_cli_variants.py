@@ -46,5 +46,11 @@ def test_train_dora_on_nf4_then_merge(tmp_path: Path, capsys: pytest.CaptureFixt
     assert type(merged.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
     with torch.no_grad():
         assert (merged(**batch).logits - want).abs().max() < 1e-5
+    q_out = tmp_path / "merged-nf4"  # merged in float, then requantized for export
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(q_out), "--quantize-output", "nf4"]) == 0
+    from lorakit.quant import backend as QB
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(q_out)
+    assert QB.is_4bit(reloaded.bert.encoder.layer[0].attention.self.query)
     code = main(tiny_train_args(bert, files, max_steps=1, output_dir=tmp_path / "h", method="head", use_dora=True))
     assert code == 2 and "--use-dora applies to --method lora, not head" in capsys.readouterr().err

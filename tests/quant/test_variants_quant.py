@@ -141,11 +141,14 @@ def test_no_dense_weight_is_saved_for_backward_with_dora(toy: Toy) -> None:
     assert all(getattr(m, t).lora_magnitude_vector.grad is not None for t in TARGETS)
 
 
-@pytest.mark.parametrize("variant", ["use_dora", "lora_bias"])
-def test_peft_adapter_on_nf4_loads_into_lorakit_and_back(toy: Toy, tmp_path: Path, variant: str) -> None:
+@pytest.mark.parametrize(("variant", "kind"), [("use_dora", "nf4"), ("lora_bias", "nf4"), ("use_dora", "int8")])
+def test_peft_adapter_on_a_quantized_base_loads_into_lorakit_and_back(toy: Toy, tmp_path: Path, variant: str,
+                                                                      kind: str) -> None:
     targets = TARGETS if variant == "use_dora" else BIASED
-    base = quantize_base(copy.deepcopy(toy), "nf4")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+    def base() -> Toy:  # each model its own quantization of the same weights (same codes): a deepcopied
+        return quantize_base(copy.deepcopy(toy), kind)  # int8 layer loses bitsandbytes' attributes
+
+    pm = peft.get_peft_model(base(), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, lora_dropout=0.0, **{variant: True}))
     assert type(pm.base_model.model.q_proj).__module__.startswith("peft.tuners.lora.bnb")
     with torch.no_grad():  # PEFT's magnitude starts at the norm and its LoRA bias at zero: move both
@@ -157,17 +160,17 @@ def test_peft_adapter_on_nf4_loads_into_lorakit_and_back(toy: Toy, tmp_path: Pat
     with torch.no_grad():
         want = pm(ids)
     pm.save_pretrained(tmp_path / "peft")
-    ours = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    kind = QuantDora if variant == "use_dora" else QuantLoraBias
-    assert all(isinstance(layer.lora_variant, kind) for _, layer in lorakit.lora_layers(ours))
+    ours = lorakit.load_adapter(base(), tmp_path / "peft")
+    cls = QuantDora if variant == "use_dora" else QuantLoraBias
+    assert all(isinstance(layer.lora_variant, cls) for _, layer in lorakit.lora_layers(ours))
     with torch.no_grad():
         got = ours(ids)
         assert (want - got).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
-        assert (want - base(ids)).abs().max() > 1e-2
+        assert (want - base()(ids)).abs().max() > 1e-2
     lorakit.save_adapter(ours, tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns that it ignores "lorakit_quantization"
-        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        back = peft.PeftModel.from_pretrained(base(), tmp_path / "ours")
     back.train()
     with torch.no_grad():
         assert (back(ids) - got).abs().max() < 1e-5 * max(1.0, got.abs().max().item())
