@@ -13,8 +13,9 @@ unloads), drop cancelled rows, **admit** waiting requests up to ``max_batch`` (t
 resident and given a bay, their prompts prefilled together, left-padded, one forward with each
 row's adapter), then **decode one token for every running row** in one forward
 (each row's adapter from :class:`.slots.AdapterBays`, the batch's adapters stacked once per layer;
-per-row KV cache in :mod:`.kv`, each row's own position ids). A finished row (stop string, end of sequence, ``max_tokens``) leaves at once; a
-long request never holds a short one back. The engine imports no web framework.
+per-row KV cache in :mod:`.kv`, each row's own position ids). A finished row (stop string, end of
+sequence, ``max_tokens``) leaves at once; a long request never holds a short one back.
+The engine imports no web framework.
 """
 
 from __future__ import annotations
