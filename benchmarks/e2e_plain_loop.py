@@ -113,7 +113,10 @@ def bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
 
 
 def load(adapter: str | None = None, *, r: int = 4, alpha: float = 32.0, dropout: float = 0.1) -> tuple[Any, Any]:
-    """SmolLM2 as the trainer loads it, with fresh LoRA on q_proj / v_proj or a saved adapter."""
+    """SmolLM2 as the trainer loads it, with fresh LoRA on q_proj / v_proj, a saved adapter or a full model dir."""
+    if adapter and (Path(adapter) / "config.json").is_file() and not (Path(adapter) / "adapter_config.json").is_file():
+        full = resolve(adapter)  # a full fine-tune's model/ directory
+        return load_tokenizer(full), load_model(full, "generation")
     src = resolve("smollm2")
     tok, model = load_tokenizer(src), load_model(src, "generation")
     if adapter:
