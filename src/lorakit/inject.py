@@ -238,12 +238,20 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     matches = resolve(model, config)
     pmatches = _params.resolve_parameters(model, config, tuple(m.name for m in matches))  # target_parameters
     tokens = _tokens.resolve_tokens(model, config.trainable_tokens)  # validated before any change
-    built = build_layers(matches)  # every layer checked before a weight-rewriting init runs
+    from . import sharded_inject as _sharded
+
+    sharded = _sharded.is_sharded(matches)  # FSDP2 already ran: lorakit.sharded_inject
+    if sharded:
+        _sharded.check(model, matches, len(pmatches), tokens)
+    built = build_layers(matches, sharded=sharded)  # every layer checked before a weight-rewriting init runs
     pbuilt = _params.build(pmatches, config)
     if not hasattr(model, "_lorakit_requires_grad"):
         model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for name, layer in built:
         _set_module(model, name, layer)
+    if sharded:
+        _sharded.rebind(model, built, {m.name: m.module for m in matches})
+        _sharded.broadcast_new(built)
     _params.install(pbuilt)
     _tokens.apply(model, tokens)
     configs = dict(getattr(model, "_lorakit_configs", {}))
@@ -254,29 +262,27 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 def _refuse_sharded(matches: list[Match]) -> None:
-    """FSDP2 (``fully_shard``) tracks each parameter by its owning module, so a LoRA layer put in that
-    module's place after sharding would get no all-gathered weight (torch: "mixed torch.Tensor and
-    DTensor"): refuse, naming the module, before anything changes."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return
-    from torch.distributed.tensor import DTensor
+    """Paths other than :func:`inject` (loading a PEFT directory into a model) do not rebind FSDP2's
+    parameter records (:mod:`lorakit.sharded_inject`): refuse a sharded module, naming it, before any change."""
+    from .sharded_inject import _dtensor_names
 
     for m in matches:
-        if any(isinstance(p, DTensor) for p in m.module.parameters(recurse=False)):
+        if _dtensor_names(m.module):
             raise UnsupportedModuleError(
                 f"module {m.name!r} has DTensor parameters (the model was sharded with fully_shard / FSDP2); "
-                "inject LoRA before fully_shard (lorakit.train.fsdp.shard does so), or into an unsharded copy")
+                "lorakit.inject works on a sharded model, this path does not: inject first, or use an "
+                "unsharded copy")
 
 
-def build_layers(matches: list[Match]) -> list[tuple[str, LoraLayer]]:
+def build_layers(matches: list[Match], sharded: bool = False) -> list[tuple[str, LoraLayer]]:
     """The LoRA layers for ``matches`` (not installed), with their spec's variant and init
     (:func:`lorakit.variants.apply_spec`). Every layer is checked first, so a refusal leaves the
-    model's weights untouched (PiSSA / OLoRA rewrite W0)."""
+    model's weights untouched (PiSSA / OLoRA rewrite W0). ``sharded``: :func:`inject` checked the
+    FSDP2 case itself (:mod:`lorakit.sharded_inject`)."""
     from .variants import apply_spec, check_spec
 
-    _refuse_sharded(matches)
+    if not sharded:
+        _refuse_sharded(matches)
     built = [(m.name, factory_for(m.module)(m.module, m.spec), m.spec) for m in matches]
     for name, layer, s in built:
         check_spec(layer, use_dora=s.use_dora, lora_bias=s.lora_bias, init=s.init, where=name)

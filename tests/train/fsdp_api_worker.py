@@ -79,18 +79,6 @@ def main(out: Path) -> None:
     fsdp.load_adapter(model, out / "other")
     res["loaded"] = diff(model, ref)
 
-    late = tiny()  # inject after fully_shard: refused by name before anything changes
-    for block in fsdp.find_blocks(late):
-        fully_shard(block)
-    fully_shard(late)
-    before = [type(m).__name__ for m in late.modules()]
-    try:
-        lorakit.inject(late, cfg)
-        res["late_inject"] = "no error"
-    except lorakit.errors.UnsupportedModuleError as exc:
-        res["late_inject"] = str(exc)
-    res["late_unchanged"] = before == [type(m).__name__ for m in late.modules()]
-    res["late_forward"] = diff(late, base)
     res.update(named(out, rank, x))
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()

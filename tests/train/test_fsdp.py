@@ -265,8 +265,6 @@ def test_library_api_on_a_sharded_model(tmp_path: Path) -> None:
         assert r["merged"] < 1e-6 and r["merge_changed_weight"] and r["unmerge_bits"]
         assert r["saved_same_keys"] and r["saved"] == 0.0
         assert r["loaded"] == 0.0
-        assert "model.layers.0.self_attn.q_proj" in r["late_inject"] and "before fully_shard" in r["late_inject"]
-        assert r["late_unchanged"] and r["late_forward"] == 0.0
         # named adapters (ignored_params=fsdp.adapter_params): switching, training "b", saving it by name
         assert r["named_forward"] == 0.0
         assert r["named_loss_rel"] < 1e-5 and r["named_saved"] < 1e-6 and r["named_saved_keys"]

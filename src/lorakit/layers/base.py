@@ -36,6 +36,17 @@ def is_conv1d_like(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def _placed_like(delta: Tensor, w: Tensor) -> Tensor:
+    """``delta`` (a full tensor, equal on every rank) placed like ``w`` when ``w`` is an FSDP2 shard (a
+    DTensor) and the LoRA factors are plain (replicated, or injected after ``fully_shard``): each rank keeps
+    its own rows of it, no communication."""
+    if type(w).__name__ != "DTensor" or type(delta).__name__ == "DTensor":
+        return delta
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(delta, w.device_mesh, w.placements, src_data_rank=None)  # type: ignore[attr-defined]
+
+
 def _selected_param(index: int, name: str) -> property:
     """``layer.lora_A`` / ``lora_B``: the selected adapter's tensor, else the registered Parameter."""
 
@@ -151,7 +162,7 @@ class LoraLayer:
         if variant is not None:
             variant.check_merge(self)
         with torch.no_grad():
-            delta = self.delta_weight()
+            delta = _placed_like(self.delta_weight(), w)
             self._lora_w0 = w.detach().clone() if keep_original else None
             merged = w.float() + delta if variant is None else variant.merged_weight(self, w.float(), delta)
             w.copy_(merged.to(w.dtype))
@@ -178,9 +189,10 @@ class LoraLayer:
     def _subtract_update(self, w: Tensor) -> Tensor:
         """W0 recomputed from a merged weight (fp32), when no copy was kept."""
         variant = self.__dict__.get("lora_variant")
+        delta = _placed_like(self.delta_weight(), w)
         if variant is None:
-            return w.float() - self.delta_weight()
-        return variant.unmerged_weight(self, w.float(), self.delta_weight())
+            return w.float() - delta
+        return variant.unmerged_weight(self, w.float(), delta)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight W0 whether or not the layer is merged (a detached tensor)."""

@@ -1,0 +1,44 @@
+"""``lorakit.inject`` on a model already sharded by FSDP2 (2 gloo ranks, worker: fsdp_late_worker.py).
+
+References: the same model injected *before* ``fully_shard`` (the path ``lorakit train --fsdp`` takes) and
+one unsharded process training on the whole global batch (plain PyTorch SGD, same seed).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import cli_env
+from .test_fsdp import ENV, torchrun
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_inject_after_fully_shard_equals_inject_before_and_one_process(tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("fsdp_late_worker.py")
+    env = cli_env(**{**ENV, "LORAKIT_DIST_TIMEOUT": "120"})
+    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=220)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["late_layers"] == 6 and r["trainable_same"]
+        assert r["init_A"] == 0.0  # rank 1 drew with another seed: inject broadcast rank 0's factors
+        # 2 SGD steps, each rank half the batch: the same losses as inject-before-shard and as 1 process
+        for late, early, ref in zip(r["loss_late"], r["loss_early"], r["loss_ref"], strict=True):
+            assert abs(late - ref) <= 1e-5 * abs(ref) and abs(late - early) <= 1e-6 * abs(ref)
+        assert r["loss_ref"][1] != r["loss_ref"][0]  # the first step changed the adapter
+        assert r["base_untouched"]  # the frozen sharded base got no update
+        assert r["forward_late_ref"] < 1e-6 and r["forward_late_early"] < 1e-6
+        assert r["trained_vs_base"] > 1e-3  # ... and the trained adapter does change the output
+        assert r["disabled_vs_base"] == 0.0
+        assert r["merge_changed_weight"] and r["merged_vs_ref"] < 1e-6
+        assert r["unmerge_bits"] and r["unmerged_vs_ref"] < 1e-6
+        assert r["saved_keys"] and r["saved"] < 1e-6
+        # DoRA needs the full W0: refused by module name, model unchanged
+        assert "model.layers.0.self_attn.q_proj" in r["dora_late"] and "before fully_shard" in r["dora_late"]
+        assert r["dora_unchanged"] and r["dora_forward"] == 0.0
