@@ -24,8 +24,10 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
     bytes for :func:`unmerge` (:mod:`lorakit.quant.layer`).
     """
     from .quant import records as QR
+    from .quant import sharded as QSH
 
     QR.check_merge(model, "merge")
+    QSH.check_model(model)  # FSDP2-sharded quantized layers: what merges there (lorakit.quant.sharded)
     for _, layer in lora_layers(model):
         if not layer.lora_disabled:
             layer.merge(keep_original=keep_original)

@@ -124,6 +124,44 @@ def test_meta_skeleton_equals_full_load(tmp_path: Path, kind: str) -> None:
         assert "score.weight" in a  # absent from the file: initialised, not loaded
 
 
+def test_fsdp_quantize_defers_the_float_rest_to_the_shard_reads(tmp_path: Path) -> None:
+    """``--fsdp --quantize``: the skeleton's linear layers quantized from the file, everything else left on meta
+    for ``materialise`` (each rank its rows, after fully_shard); bit for bit the model of ``--quantize`` alone
+    (streamed quantize, rest read whole), LoRA init included."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from lorakit.train import meta_load
+    from lorakit.train.methods import apply_method
+    from lorakit.train.models import ModelSource, quantize_for_training
+
+    src = ModelSource(_tiny_llama_dir(tmp_path / "llama"))
+    ctx = SimpleNamespace(local_rank=0, rank=0)
+    torch.manual_seed(3)
+    ref = meta_load.skeleton(src, "generation", 2, ctx)
+    quantize_for_training(ref, "nf4")
+    apply_method(ref, "lora", r=4, targets=["q_proj", "v_proj"])
+    torch.manual_seed(3)
+    sk = meta_load.skeleton(src, "generation", 2, ctx)
+    meta_load.defer_rest(sk)
+    quantize_for_training(sk, "nf4")
+    assert sk.model.embed_tokens.weight.is_meta and sk.model.norm.weight.is_meta  # never read whole
+    q = sk.model.layers[0].self_attn.k_proj.weight
+    assert not q.is_meta and q.dtype == torch.uint8  # packed NF4, from the file
+    plan = getattr(sk, meta_load.PLAN_ATTR)
+    assert "model.layers.0.self_attn.k_proj.weight" not in plan and "model.embed_tokens.weight" in plan
+    apply_method(sk, "lora", r=4, targets=["q_proj", "v_proj"])
+    meta_load.real_trainables(sk)
+    meta_load.materialise(sk, torch.device("cpu"))
+    assert not meta_load.is_skeleton(sk) and not hasattr(sk, meta_load.DEFER_REST)
+    a, b = ref.state_dict(), sk.state_dict()
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
+    x = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=x).logits, sk(input_ids=x).logits)
+
+
 def test_meta_skeleton_refuses_a_wrong_shape(tmp_path: Path) -> None:
     import json
 
@@ -149,7 +187,8 @@ def test_meta_loading_applies_only_where_it_can() -> None:
     cfg = SimpleNamespace(fsdp=True, quantize=None)
     assert applies(cfg, gguf) and not applies(cfg, here)
     assert not applies(SimpleNamespace(fsdp=False, quantize=None), gguf)
-    assert not applies(SimpleNamespace(fsdp=True, quantize="nf4"), gguf)
+    assert applies(SimpleNamespace(fsdp=True, quantize="nf4"), gguf)  # streamed quantize, rest read per shard
+    assert not applies(SimpleNamespace(fsdp=True, quantize="nf4"), here)
 
 
 @pytest.mark.slow
@@ -185,3 +224,26 @@ def test_sharding_frees_the_wrapped_base_weights(tmp_path: Path) -> None:
             assert not r[kind]["bases_whole"], kind
             assert r[kind]["resident_of_full"] <= bound, (kind, r[kind])
             assert r[kind]["loss_rel"] < 1e-6 and r[kind]["grad"] <= 1e-6 < r[kind]["grad_scale"], (kind, r[kind])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_merge_unmerge_on_a_sharded_nf4_base(tmp_path: Path) -> None:
+    """merge / unmerge / disable_adapters of LoRA on an NF4 base under ``fsdp.shard`` (2 gloo ranks, worker:
+    fsdp_quant_merge_worker.py) vs the same model unsharded in one process: merge changes the output exactly as
+    the single-process quantized merge does (same requantized codes), unmerge restores each rank's packed bytes
+    and the absmax bit for bit; merged without a kept copy, unmerge requantizes as the unsharded layer does."""
+    pytest.importorskip("bitsandbytes")
+    worker = Path(__file__).with_name("fsdp_quant_merge_worker.py")
+    env = cli_env(**{**ENV, "LORAKIT_DIST_TIMEOUT": "120"})
+    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=220)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["local_rows_of_ref"]  # each rank holds its chunk of the same packed bytes
+        assert r["forward"] == 0.0 and r["disabled"] == 0.0 and r["disabled_changes"] > 1e-2
+        assert r["merge_moved_output"] > 1e-2 and r["merged_vs_ref_merged"] == 0.0
+        assert r["merge_changed_bytes"] > 0 and r["merge_changed_absmax"]
+        assert r["unmerge_bits"] and r["unmerged_vs_start"] == 0.0
+        assert r["requant_unmerge_vs_ref"] == 0.0 and r["requant_unmerge_vs_start"] > 0.0

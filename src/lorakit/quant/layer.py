@@ -28,6 +28,7 @@ from ..kernels import dispatch as FU
 from ..layers import Linear, LoraLayer, MergedLinear
 from ..layers.base import _adopt
 from . import backend as QB
+from . import sharded as QSH
 from . import weights as QW
 from .autograd import quant_lora_linear
 
@@ -117,6 +118,8 @@ class _QuantLoraMixin:
         if self.merged or not self.has_lora:  # type: ignore[attr-defined]
             return
         q, variant = self.quant_base, self._variant()
+        if QSH.is_sharded(q):  # FSDP2 holds this rank's rows only: gathered, requantized, rows written back
+            return QSH.merge(self, keep_original)
         if variant is not None:
             variant.check_merge(self)
         with torch.no_grad():
@@ -132,6 +135,8 @@ class _QuantLoraMixin:
         if not self.merged:
             return
         q, variant = self.quant_base, self._variant()
+        if QSH.is_sharded(q):
+            return QSH.unmerge(self)
         with torch.no_grad():
             if self._lora_qsnap is not None:
                 QW.restore(q, self._lora_qsnap)

@@ -7,7 +7,9 @@ reads each layer's float weight from the file, quantizes it and lets it go befor
 the full float model is never resident: the load peaks at the quantized base plus one float weight
 instead of the whole float model (SmolLM2-135M: 405 MiB of adapted fp32 weights never allocated).
 Everything not quantized (embeddings, norms, biases, the head) is then materialised from the file
-by :func:`materialise_rest` (ties kept), and the model is an ordinary CPU model.
+by :func:`materialise_rest` (ties kept), and the model is an ordinary CPU model. Under ``--fsdp``
+(:data:`lorakit.train.meta_load.DEFER_REST` set on the skeleton) the rest stays on meta, to be read
+shard by shard after ``fully_shard`` (:func:`lorakit.train.meta_load.materialise`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def materialise_rest(model: nn.Module, quantized: list[str]) -> None:
     from ..train import meta_load
     from ..train.errors import ModelLoadError
 
+    if model.__dict__.get(meta_load.DEFER_REST):  # --fsdp: the rest is read shard by shard after fully_shard
+        plan_left = model.__dict__[meta_load.PLAN_ATTR]
+        for name in quantized:
+            plan_left.pop(f"{name}.weight", None)  # now the quantized bytes, no longer the file's tensor
+        return
     plan: dict[str, tuple[object, str]] = model.__dict__.pop(meta_load.PLAN_ATTR)
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

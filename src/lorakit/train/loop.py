@@ -70,6 +70,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(src)
         if meta_load.applies(cfg, src):  # --fsdp: parameters on meta; each rank reads its shard in fsdp.shard
             self.model = meta_load.skeleton(src, self.spec.kind, self.spec.num_labels, self.ctx)
+            if cfg.fsdp and cfg.quantize:
+                meta_load.defer_rest(self.model)
         else:
             self.model = load_model(src, self.spec.kind, self.spec.num_labels)
         if cfg.quantize:  # QLoRA: quantize the frozen base before LoRA goes on (lorakit.quant)

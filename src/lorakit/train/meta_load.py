@@ -13,8 +13,10 @@ ever holds more than its shard plus one tensor's rows.
 A GGUF source (the ``smollm2`` preset) is dequantized by transformers as a whole, so it is converted
 once, in a child process (the ranks' memory stays low), to a float32 safetensors copy in
 ``$LORAKIT_CACHE_DIR`` (default ``~/.cache/lorakit``), which every later ``--fsdp`` run streams from.
-Sources without safetensors weights (``*.bin``) and ``--fsdp --quantize`` keep the full load. Under
-``--quantize`` alone the skeleton is quantized layer by layer from the file (:mod:`lorakit.quant.streaming`).
+Sources without safetensors weights (``*.bin``) keep the full load. Under ``--quantize`` the skeleton
+is quantized layer by layer from the file (:mod:`lorakit.quant.streaming`); with ``--fsdp`` as well, the
+quantized layers are whole on each rank until ``fully_shard`` (0.56 byte per weight for NF4) and the
+float rest is read shard by shard as above.
 """
 
 from __future__ import annotations
@@ -34,16 +36,25 @@ from lorakit.train.errors import ModelLoadError
 from lorakit.train.models import ModelSource, set_pad_token_id
 
 PLAN_ATTR = "_lorakit_meta_plan"  # on a skeleton: {param name: (file, key)}, consumed by materialise
+# on a skeleton under --fsdp --quantize: quantize_base leaves the unquantized rest on meta (lorakit.quant.streaming)
+DEFER_REST = "_lorakit_defer_rest"
 
 
 # --- when --------------------------------------------------------------------------------------------
 def applies(cfg: Any, src: ModelSource) -> bool:
-    """Meta-device loading for this run: ``--fsdp`` or ``--quantize`` (not both), safetensors or GGUF
-    weights. Under ``--quantize``, :func:`lorakit.quantize_base` streams the skeleton layer by layer
-    (:mod:`lorakit.quant.streaming`), so the float model is never resident."""
-    if bool(cfg.fsdp) == bool(cfg.quantize) or os.environ.get("LORAKIT_FSDP_META", "1") == "0":
+    """Meta-device loading for this run: ``--fsdp`` and/or ``--quantize``, safetensors or GGUF weights.
+    Under ``--quantize``, :func:`lorakit.quantize_base` streams the skeleton layer by layer
+    (:mod:`lorakit.quant.streaming`), so the float model is never resident; with ``--fsdp`` too, the
+    unquantized rest (embeddings, norms, head) then waits on meta for :func:`materialise` (:func:`defer_rest`)."""
+    if not (cfg.fsdp or cfg.quantize) or os.environ.get("LORAKIT_FSDP_META", "1") == "0":
         return False
     return src.gguf_file is not None or bool(_safetensors(src.path))
+
+
+def defer_rest(model: nn.Module) -> None:
+    """``--fsdp --quantize``: let :func:`lorakit.quantize_base` quantize the skeleton's layers from the file
+    and leave everything else on meta, so each rank later reads only its shard of the float rest."""
+    setattr(model, DEFER_REST, True)
 
 
 def is_skeleton(model: nn.Module) -> bool:
@@ -206,12 +217,15 @@ def real_trainables(model: nn.Module) -> None:
     import lorakit
 
     for _, layer in lorakit.lora_layers(model):
+        on_meta = False
         for pname in ("lora_A", "lora_B"):
             p = layer._parameters.get(pname)
             if p is not None and p.is_meta:
+                on_meta = True
                 layer._parameters[pname] = nn.Parameter(torch.zeros_like(p, device="cpu"),
                                                         requires_grad=p.requires_grad)
-        layer.reset_lora_parameters()
+        if on_meta:  # a quantized base is real (lorakit.quant.streaming): its factors were drawn at inject
+            layer.reset_lora_parameters()
     left = [n for n, p in model.named_parameters() if p.is_meta and n not in getattr(model, PLAN_ATTR)]
     if left:
         raise ModelLoadError(f"--fsdp meta loading: {left[:4]} are neither in the checkpoint nor LoRA factors")
@@ -238,6 +252,7 @@ def materialise(model: nn.Module, device: torch.device) -> None:
     from safetensors import safe_open
 
     plan: dict[str, tuple[Path, str]] = model.__dict__.pop(PLAN_ATTR)
+    model.__dict__.pop(DEFER_REST, None)
     keep = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]
             if not t.is_meta}
     model.to_empty(device=device)
