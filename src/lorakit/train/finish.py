@@ -4,6 +4,7 @@ then the resumable checkpoint is removed."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,7 +51,14 @@ def finish_run(
         "max_len": c.max_len,
     }
     decoded, saved = None, None
-    if c.fsdp:  # every rank gathers the (small) trainable tensors; rank 0 saves as from an unsharded model
+    if c.fsdp and c.method == "full":  # tensor by tensor into HF sharded safetensors (lorakit.train.fsdp_full)
+        from lorakit.train import fsdp_full
+
+        meta_text = json.dumps(meta, indent=2, default=str)
+        saved = fsdp_full.save_model(t.model, t.tokenizer, t.run_dir / "model", meta_text, ctx)
+        if not ctx.is_main:
+            return results
+    elif c.fsdp:  # every rank gathers the (small) trainable tensors; rank 0 saves as from an unsharded model
         with fsdp.gathered(t.model):
             saved = save_result(t.model, t.tokenizer, c.method, t.run_dir, meta) if ctx.is_main else None
         if t.spec.kind == "generation":  # sharded: every rank takes part in each forward of the decoding

@@ -63,11 +63,6 @@ def check_launch(cfg: Any, env: dict[str, str] | None = None) -> None:
             f"--fsdp: this process was not started by torchrun (no {', '.join(missing)} in the environment); "
             + LAUNCH_HINT
         )
-    if cfg.method == "full":
-        raise TrainConfigError(
-            "--fsdp with --method full: saving a fully fine-tuned sharded model is not implemented; "
-            "use --method lora or head, or train --method full with DDP (without --fsdp)"
-        )
 
 
 # --- blocks ------------------------------------------------------------------------------------------
@@ -212,6 +207,8 @@ def shard(model: nn.Module, cfg: Any, ctx: Any, *, bf16: bool = False, lora: str
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     lora = lora or os.environ.get("LORAKIT_FSDP_LORA") or LORA_PLACEMENT
+    if getattr(cfg, "method", None) == "full":  # every parameter trains: replicating them is DDP (fsdp_full)
+        lora = "sharded"
     if lora not in ("sharded", "replicated"):
         raise TrainConfigError(f"LORAKIT_FSDP_LORA / fsdp.shard(lora=): 'sharded' or 'replicated', not {lora!r}")
     blocks = find_blocks(model, cfg.fsdp_block)

@@ -296,7 +296,9 @@ class Trainer:
             self.log.append({"split": "eval", "step": step, **res})
             if better(metric, res[metric], best["value"]):
                 best.update(value=res[metric], step=step, metrics=res)
-                if self.cfg.fsdp:
+                if self.cfg.fsdp and self.cfg.method == "full":
+                    pass  # no best.pt: it would gather the whole model on every rank (docs/training.md)
+                elif self.cfg.fsdp:
                     fsdp.save_best(self.model, step, res, self.run_dir / ckpt.BEST, self.ctx)
                 else:
                     ckpt.save_best(self.run_dir / ckpt.BEST, step, res, ckpt.trainable_state(self.model))
