@@ -16,8 +16,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+CFG = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]}
 
-def tiny() -> torch.nn.Module:
+
+def tiny(inject: bool = True) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
@@ -27,7 +29,9 @@ def tiny() -> torch.nn.Module:
     m = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2))
     quantize_for_training(m, "nf4")
-    lorakit.inject(m, lorakit.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    if not inject:
+        return m
+    lorakit.inject(m, lorakit.LoraConfig(**CFG))
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(m):
             layer.lora_B.normal_(std=0.2)  # large enough that the merged weight requantizes to new codes
@@ -95,8 +99,36 @@ def main(out: Path) -> None:
         "local_rows_of_ref": all(torch.equal(a[0], b[0][rank * -(-b[0].shape[0] // world):][:a[0].shape[0]])
                                  for a, b in zip(before, before_ref, strict=True)),  # FSDP2's dim-0 chunks
     }
+    res.update(late(x))
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
+
+
+def late(x: torch.Tensor) -> dict[str, float]:
+    """LoRA injected *after* fully_shard on the NF4 base (lorakit.sharded_inject), given an unsharded copy's
+    factors: forward and merge as that copy."""
+    from torch.distributed.fsdp import fully_shard
+
+    import lorakit
+    from lorakit.train import fsdp
+    from lorakit.train.fsdp_alias import visible_bases
+
+    ref, model = tiny(), tiny(inject=False)
+    with visible_bases(model):
+        for block in fsdp.find_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+    lorakit.inject(model, lorakit.LoraConfig(**CFG))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(lorakit.lora_layers(model), lorakit.lora_layers(ref), strict=True):
+            a.lora_A.copy_(b.lora_A)
+            a.lora_B.copy_(b.lora_B)
+        res = {"late_forward": float((model(input_ids=x).logits - ref(input_ids=x).logits).abs().max())}
+        lorakit.merge(model)
+        lorakit.merge(ref)
+        res["late_merged"] = float((model(input_ids=x).logits - ref(input_ids=x).logits).abs().max())
+        res["late_layers"] = sum(1 for _ in lorakit.lora_layers(model))
+    return res
 
 
 if __name__ == "__main__":

@@ -232,7 +232,8 @@ def test_merge_unmerge_on_a_sharded_nf4_base(tmp_path: Path) -> None:
     """merge / unmerge / disable_adapters of LoRA on an NF4 base under ``fsdp.shard`` (2 gloo ranks, worker:
     fsdp_quant_merge_worker.py) vs the same model unsharded in one process: merge changes the output exactly as
     the single-process quantized merge does (same requantized codes), unmerge restores each rank's packed bytes
-    and the absmax bit for bit; merged without a kept copy, unmerge requantizes as the unsharded layer does."""
+    and the absmax bit for bit; merged without a kept copy, unmerge requantizes as the unsharded layer does;
+    LoRA injected after fully_shard on the NF4 base forwards and merges as the unsharded model."""
     pytest.importorskip("bitsandbytes")
     worker = Path(__file__).with_name("fsdp_quant_merge_worker.py")
     env = cli_env(**{**ENV, "LORAKIT_DIST_TIMEOUT": "120"})
@@ -247,3 +248,5 @@ def test_merge_unmerge_on_a_sharded_nf4_base(tmp_path: Path) -> None:
         assert r["merge_changed_bytes"] > 0 and r["merge_changed_absmax"]
         assert r["unmerge_bits"] and r["unmerged_vs_start"] == 0.0
         assert r["requant_unmerge_vs_ref"] == 0.0 and r["requant_unmerge_vs_start"] > 0.0
+        # the same LoRA injected after fully_shard on the sharded NF4 base (lorakit.sharded_inject)
+        assert r["late_layers"] == 6 and r["late_forward"] == 0.0 and r["late_merged"] == 0.0
