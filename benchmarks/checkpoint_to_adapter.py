@@ -1,4 +1,5 @@
-"""A resumable ``checkpoint.pt`` of a ``lorakit train --method lora`` run as a PEFT adapter directory.
+"""A resumable ``checkpoint.pt`` of a ``lorakit train`` run as a PEFT adapter directory (or, for
+``--method full``, a model directory that ``lorakit eval`` / transformers load).
 
 Used for the "stopped at step N" rows of docs/reproduction.md: the model is rebuilt from the run's
 ``config.json`` as the trainer builds it (same base, same ``--quantize``, same LoRA), the checkpoint's
@@ -18,7 +19,7 @@ import lorakit
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.data import get_task
 from lorakit.train.methods import apply_method
-from lorakit.train.models import load_model, quantize_for_training, resolve
+from lorakit.train.models import load_model, load_tokenizer, quantize_for_training, resolve
 
 
 def main() -> None:
@@ -28,10 +29,18 @@ def main() -> None:
     ap.add_argument("out", help="adapter directory to write")
     a = ap.parse_args()
     cfg = json.loads((a.run_dir / "config.json").read_text())
-    if cfg.get("method") != "lora":
-        raise SystemExit(f"{a.run_dir}: method {cfg.get('method')!r}; only LoRA runs have an adapter")
+    if cfg.get("method") not in ("lora", "full"):
+        raise SystemExit(f"{a.run_dir}: method {cfg.get('method')!r}; only LoRA and full runs convert")
     spec = get_task(cfg["task"])
-    model = load_model(resolve(cfg["model"]), spec.kind, spec.num_labels)
+    src = resolve(cfg["model"])
+    model = load_model(src, spec.kind, spec.num_labels)
+    if cfg["method"] == "full":
+        state = ckpt.load(a.checkpoint)
+        ckpt.load_trainable_state(model, state["trainable"])
+        model.save_pretrained(a.out)
+        load_tokenizer(src).save_pretrained(a.out)
+        print(f"step {state.get('step')} -> {a.out} (full model)")
+        return
     if cfg.get("quantize"):
         quantize_for_training(model, cfg["quantize"])
     apply_method(model, "lora", r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["lora_dropout"], targets=cfg["targets"],
