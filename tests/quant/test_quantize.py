@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,6 +60,21 @@ def test_dequantize_blocks_across_rows(in_f: int) -> None:
     assert torch.equal(got, reference_dequantize(q))
     blocks = (got - w).abs().reshape(-1, 64) <= 0.16 * w.abs().reshape(-1, 64).amax(1, keepdim=True)
     assert bool(blocks.all())  # within half NF4's widest gap (1 - 0.696) of each block's absmax
+
+
+@pytest.mark.parametrize("in_f", [96, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_state_of_fresh_codes(in_f: int, dtype: torch.dtype) -> None:
+    """The tensor-level dequantization that ``QW.dequantize`` and LoftQ's round trip share: codes and
+    state straight from the quantizer (no layer) give the plain-torch formula, rounded once into dtype,
+    on the kernel path (576) and the flat path (96, blocks across rows)."""
+    torch.manual_seed(in_f)
+    data, qs = QW.quantize_4bit(torch.randn(48, in_f), "nf4", 64, True, torch.uint8, torch.float32)
+    ref = reference_dequantize(SimpleNamespace(weight=SimpleNamespace(data=data, dtype=data.dtype, quant_state=qs)))
+    got = QW.dequantize_state(data, qs, dtype)
+    assert got.dtype == dtype and tuple(got.shape) == (48, in_f)
+    assert torch.equal(got, ref.to(dtype))
+    assert qs.dtype == torch.float32  # another output dtype works on a copy of the state
 
 
 def test_bytes_nf4_double_quant_below_014_of_fp32() -> None:

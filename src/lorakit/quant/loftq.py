@@ -66,15 +66,11 @@ def mark_loftq(layer: nn.Module, init: str, where: str = "", *, check_only: bool
 
 def _quant_roundtrip(w: Tensor, opts: Any) -> Tensor:
     """``dequant(quant(w))`` with :func:`quantize_base`'s options (``w`` is (out, in) fp32)."""
-    from . import backend as QB
-
     if opts.quant_type == "int8":
         cb, scb = QW.quantize_int8(w)
         return cb.float() * (scb.float()[:, None] / 127.0)
     data, qs = QW.quantize_4bit(w, opts.quant_type, opts.blocksize, opts.double_quant, torch.uint8, w.dtype)
-    if w.shape[-1] % opts.blocksize:  # blocks straddle rows: bitsandbytes' CPU kernel misreads them
-        return QW._dequantize_flat(data, qs, torch.float32)
-    return QB.bnb().functional.dequantize_4bit(data, qs).float().reshape(w.shape)
+    return QW.dequantize_state(data, qs, torch.float32)
 
 
 def loftq_factors(w: Tensor, r: int, scaling: float, iters: int, opts: Any) -> tuple[Tensor, Tensor, Tensor]:

@@ -72,23 +72,26 @@ def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> Tensor:
     In float32 every element is exactly ``code * absmax`` (int8: ``CB * SCB / 127``) as the backend
     computes it, so ``float32 -> dtype`` afterwards is the only rounding.
     """
-    F = QB.bnb().functional
     if QB.is_8bit(module):
-        w = F.int8_vectorwise_dequant(QB.int8_codes(module), QB.int8_scales(module))
+        w = QB.bnb().functional.int8_vectorwise_dequant(QB.int8_codes(module), QB.int8_scales(module))
         return w if w.dtype == dtype else w.to(dtype)
     qs = QB.quant_state(module)
     if getattr(qs, "packing_format_for_cpu", False):
         raise QB.QuantBackendError(
             f"{type(module).__name__}: bitsandbytes repacked this weight for its CPU inference kernel "
             "(a forward of the bare layer under no_grad in eval mode); requantize it or reload the model")
-    data = module.weight.data
+    return dequantize_state(module.weight.data, qs, dtype)
+
+
+def dequantize_state(data: Tensor, qs: Any, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Packed 4-bit ``data`` with its ``QuantState`` as a new dense ``qs.shape`` tensor of ``dtype``:
+    bitsandbytes' kernel, or :func:`_dequantize_flat` where its CPU kernel is wrong."""
     if data.is_cpu and qs.shape[-1] % qs.blocksize:
         return _dequantize_flat(data, qs, dtype)
-    if qs.dtype == dtype:
-        return F.dequantize_4bit(data, qs)
-    q = copy.copy(qs)  # same tensors, another output dtype: the C++ kernel writes dtype directly
-    q.dtype = dtype
-    return F.dequantize_4bit(data, q)
+    if qs.dtype != dtype:
+        qs = copy.copy(qs)  # same tensors, another output dtype: the C++ kernel writes dtype directly
+        qs.dtype = dtype
+    return QB.bnb().functional.dequantize_4bit(data, qs)
 
 
 def _dequantize_flat(data: Tensor, qs: Any, dtype: torch.dtype) -> Tensor:
