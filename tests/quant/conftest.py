@@ -45,6 +45,38 @@ def reference_dequantize(module: nn.Module) -> torch.Tensor:
     return (qs.code[nib] * scale).reshape(out_f, in_f)
 
 
+def assert_merged_once(plain: nn.Module, exact: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """After ``merge_and_unload(dtype=dtype)``: each layer named in ``exact`` is a plain ``nn.Linear`` of
+    ``dtype`` whose weight is the exact sum rounded once (0 % of elements off), nothing quantized left."""
+    from lorakit.quant import backend as QB
+
+    for name, want in exact.items():
+        lin = plain.get_submodule(name)
+        assert type(lin) is nn.Linear and lin.weight.dtype == dtype
+        assert (lin.weight != want).float().mean().item() == 0.0, name  # 0 % of elements off
+    assert not any(QB.is_quantized(x) for x in plain.modules())
+
+
+def toy_batch(vocab: int = 48) -> torch.Tensor:
+    """The fixed (8, 16) batch of token ids :func:`train_toy` trains on."""
+    return torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+def train_toy(model: nn.Module, steps: int, lr: float = 1e-2, vocab: int = 48) -> list[float]:
+    """AdamW on next-token cross-entropy over :func:`toy_batch`: each step's loss."""
+    ids = toy_batch(vocab)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 class Toy(nn.Module):
     """Two projections and a head, with names like a transformer block's."""
 

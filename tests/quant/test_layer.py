@@ -17,7 +17,7 @@ from lorakit.quant import quantize_base
 from lorakit.quant import weights as QW
 from lorakit.quant.layer import QuantLinear
 
-from .conftest import Toy, reference_dequantize
+from .conftest import Toy, assert_merged_once, reference_dequantize, train_toy
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "up_proj", "down_proj"]
@@ -133,11 +133,7 @@ def test_merge_and_unload_rounds_the_exact_sum_once(toy: Toy, dtype: torch.dtype
         w = reference_dequantize(layer.quant_base) + layer.scaling * (layer.lora_B @ layer.lora_A)
         exact[t] = w.detach().to(dtype)
     plain = lorakit.merge_and_unload(m, dtype=dtype)
-    for t in TARGETS:
-        lin = getattr(plain, t)
-        assert type(lin) is nn.Linear and lin.weight.dtype == dtype
-        assert (lin.weight != exact[t]).float().mean().item() == 0.0  # 0 % of elements off
-    assert not any(QW.QB.is_quantized(x) for x in plain.modules())
+    assert_merged_once(plain, exact, dtype)
     with pytest.raises(ArgumentTypeError, match="floating torch.dtype"):
         lorakit.merge_and_unload(_adapted(toy), dtype=torch.int8)
 
@@ -229,16 +225,7 @@ def test_gradient_checkpointing_gives_the_same_grads(toy: Toy) -> None:
 
 def test_training_reduces_the_loss(toy: Toy) -> None:
     m = _adapted(toy, dropout=0.05)
-    ids = torch.randint(0, 48, (8, 16), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        logits = m(ids[:, :-1])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, 48), ids[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_toy(m, 15)
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -22,7 +22,7 @@ from lorakit.quant import weights as QW
 from lorakit.quant.layer import QuantLinear
 from lorakit.quant.variants import QuantDora, QuantLoraBias
 
-from .conftest import Toy, reference_dequantize
+from .conftest import Toy, assert_merged_once, reference_dequantize, toy_batch, train_toy
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "up_proj", "down_proj"]
@@ -180,16 +180,7 @@ def test_peft_adapter_on_a_quantized_base_loads_into_lorakit_and_back(toy: Toy, 
 def test_lorakit_trained_dora_adapter_loads_into_peft(toy: Toy, tmp_path: Path, kind: str) -> None:
     m = _adapted(toy, kind, use_dora=True, dropout=0.05)
     start = {t: getattr(m, t).lora_magnitude_vector.detach().clone() for t in TARGETS}
-    ids = torch.randint(0, 48, (8, 16), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(12):
-        logits = m(ids[:, :-1])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, 48), ids[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_toy(m, 12)
     assert losses[-1] < 0.9 * losses[0]
     assert all((getattr(m, t).lora_magnitude_vector - start[t]).abs().max() > 1e-3 for t in TARGETS)
     lorakit.save_adapter(m, tmp_path / "a")
@@ -202,6 +193,7 @@ def test_lorakit_trained_dora_adapter_loads_into_peft(toy: Toy, tmp_path: Path, 
         if isinstance(mod, nn.Dropout):
             mod.p = 0.0
     m.eval()
+    ids = toy_batch()
     with torch.no_grad():
         want = m(ids)
         assert (pm(ids) - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
@@ -265,11 +257,7 @@ def test_merge_and_unload_rounds_the_exact_variant_weight_once(toy: Toy, dtype: 
     with torch.no_grad():
         before = m(ids)
     plain = lorakit.merge_and_unload(m, dtype=dtype)
-    for t in TARGETS:
-        lin = getattr(plain, t)
-        assert type(lin) is nn.Linear and lin.weight.dtype == dtype
-        assert (lin.weight != exact[t]).float().mean().item() == 0.0  # 0 % of elements off
-    assert not any(QW.QB.is_quantized(x) for x in plain.modules())
+    assert_merged_once(plain, exact, dtype)
     if dtype == torch.float32:
         with torch.no_grad():
             assert torch.allclose(plain(ids), before, atol=1e-5, rtol=1e-5)

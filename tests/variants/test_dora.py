@@ -16,6 +16,8 @@ from lorakit.errors import LoraConfigError, UnsupportedModuleError
 from lorakit.inject import lora_layers
 from lorakit.variants import variant_of
 
+from .conftest import EmbLin
+
 peft = pytest.importorskip("peft", reason="peft is needed to compare DoRA with the reference implementation")
 
 
@@ -28,16 +30,6 @@ class _Wrap(nn.Module):
         return self.body(x)
 
 
-class _EmbLin(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.lin = nn.Linear(8, 5)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lin(self.emb(ids))
-
-
 def _gpt2_conv1d() -> nn.Module:
     tr = pytest.importorskip("transformers.pytorch_utils", reason="transformers provides GPT-2's Conv1D")
     return _Wrap(tr.Conv1D(7, 6), nn.Tanh(), tr.Conv1D(5, 7))
@@ -48,7 +40,7 @@ CASES = {
     "mlp": (lambda: _Wrap(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 5, bias=False)), ["body.0", "body.2"],
             lambda: torch.randn(4, 6)),
     "gpt2_conv1d": (_gpt2_conv1d, ["body.0", "body.2"], lambda: torch.randn(3, 6)),
-    "embedding": (_EmbLin, ["emb", "lin"], lambda: torch.randint(0, 20, (2, 5))),
+    "embedding": (EmbLin, ["emb", "lin"], lambda: torch.randint(0, 20, (2, 5))),
     "conv1d": (lambda: _Wrap(nn.Conv1d(3, 4, 3, padding=1)), ["body.0"], lambda: torch.randn(2, 3, 9)),
     "conv2d": (lambda: _Wrap(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), ["body.0", "body.2"],
                lambda: torch.randn(2, 3, 6, 6)),

@@ -13,24 +13,16 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import MixedBatchError
 
+from .conftest import EmbLin, assert_rows_each_alone
+
 # adapter -> (r, alpha, use_dora)
 ADAPTERS = {"default": (2, 5, True), "chat": (3, 4, True), "plain": (2, 2, False)}
 ROWS = ["default", "chat", "base", "plain", "chat"]
 
 
-class _EmbLin(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.lin = nn.Linear(8, 5)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lin(torch.tanh(self.emb(ids)))
-
-
 def _model() -> nn.Module:
     torch.manual_seed(7)
-    model = _EmbLin()
+    model = EmbLin(tanh=True)
     for name, (r, alpha, dora) in ADAPTERS.items():
         cfg = LoraConfig(r=r, alpha=alpha, targets=["emb", "lin"], use_dora=dora)
         if name == "default":
@@ -174,14 +166,4 @@ def test_mixed_rows_equal_each_adapter_alone(case: str) -> None:
     model.eval()
     x = inp()
     rows = ["chat", "base", "default", "plain", "chat"][: x.shape[0]]
-    with torch.no_grad():
-        with lorakit.batch_adapters(model, rows):
-            got = model(x)
-        for i, name in enumerate(rows):
-            if name == "base":
-                with lorakit.disable_adapters(model):
-                    want = model(x[i:i + 1])
-            else:
-                lorakit.set_adapter(model, name)
-                want = model(x[i:i + 1])
-            assert (got[i:i + 1] - want).abs().max().item() < 1e-5, (i, name)
+    assert_rows_each_alone(model, x, rows)
