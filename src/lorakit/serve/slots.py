@@ -18,18 +18,10 @@ zero-padded: Linear / MergedLinear ``A`` (bays+1, R, in), Embedding ``A`` (bays+
 one always). A joining adapter is copied in once; when an adapter's last row leaves, the last used
 bay moves into its place, so the batch's adapters are always one contiguous prefix.
 
-A forward with few tokens per row (decoding) computes, per Linear layer, with ``A_k`` = bays
-``0..k-1`` seen as one (k*R, in) matrix and ``B_k`` as (k*R, out)::
-
-    h = x @ A_k^T          (rows, k*R)   every resident adapter's rank-R projection of every row
-    h *= mask              (rows, k*R)   1 on the R columns of the row's own bay, 0 elsewhere
-    out += h @ B_k         one addmm: the zero columns add nothing
-
-two dense matmuls on views (each adapter's weights read once, no weight copied, no gather or
-scatter of activations). Longer rows (a prefill) take per-row weights: the bay of each row is
-gathered (``index_select``) and two batched matmuls follow. Embedding layers look each row's ids up
-in its own bay. Each layer's base output is its own forward with no adapter selected (quantized
-bases included).
+Each forward's update is computed by :mod:`.bay_math`: rows grouped by bay (each bay's ``A``/``B``
+read once and applied to its own rows only, batched matmuls over the bays with rows), or two plain
+matmuls when every row shares one bay. Embedding layers look each row's ids up in its own bay. Each
+layer's base output is its own forward with no adapter selected (quantized bases included).
 """
 
 from __future__ import annotations
@@ -40,38 +32,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorakit
-from lorakit.adapters.batched import ROW_TOKENS, merged_dense_B
+from lorakit.adapters.batched import merged_dense_B
+from lorakit.adapters.mixed_dora import dora_B, rescale_rows
 from lorakit.layers import Embedding, LoraLayer, MergedLinear
 from lorakit.layers import Linear as LoraLinear
+from lorakit.variants.dora import _Dora
 
+from .bay_math import Step, embedding_delta, linear_delta, plan
 from .errors import AdapterLoadError
 
 _SUPPORTED = (LoraLinear, MergedLinear, Embedding)
 _NONE = object()
-
-
-@dataclass(eq=False)
-class _Step:
-    """One forward's rows: each row's bay (``n`` for none), the number of bays in use, masks by rank."""
-
-    bays: list[int]
-    k: int
-    slot: Tensor                       # (rows,) long: each row's bay, the zero bay for base rows
-    onehot: Tensor | None              # (rows, k) 1 at the row's bay; None: every row uses bay 0 of 1
-    masks: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
-
-    def mask(self, r: int, dtype: torch.dtype) -> Tensor | None:
-        """(rows, k*r): 1 on the ``r`` columns of each row's bay (None when nothing is masked)."""
-        if self.onehot is None:
-            return None
-        m = self.masks.get((r, dtype))
-        if m is None:
-            m = self.masks[(r, dtype)] = self.onehot.to(dtype).repeat_interleave(r, dim=1)
-        return m
 
 
 @dataclass(eq=False)
@@ -86,6 +60,9 @@ class _Layer:
     used: list[bool] = field(default_factory=list)  # bay i holds a non-zero update for this layer
     flat: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     forward: Any = None
+    fac: Tensor | None = None         # (n+1, out) fp32 DoRA factors m / ||W0 + sBA||, ones elsewhere
+    dora: list[bool] = field(default_factory=list)  # bay i holds a DoRA adapter
+    bias: Tensor | None = None        # the base layer's bias (DoRA rescales the output without it)
 
     def rank(self) -> int:
         if self.A is None:
@@ -109,9 +86,15 @@ class _Layer:
         if not self.used:
             self.used = [False] * (n + 1)
 
-    def put(self, bay: int, A: Tensor, B: Tensor) -> None:
-        """Copy one adapter's ``A`` (r, in) and scaled ``B`` (out, r) into ``bay`` (rank padded with zeros)."""
+    def put(self, bay: int, A: Tensor, B: Tensor, f: Tensor | None = None) -> None:
+        """Copy one adapter's ``A`` (r, in) and scaled ``B`` (out, r) into ``bay`` (rank padded with zeros);
+        ``f`` (out,): a DoRA adapter's factor (its ``B`` already scaled by it)."""
         assert self.A is not None and self.B is not None
+        if f is not None and self.fac is None:
+            self.fac, self.dora = f.new_ones(self.A.shape[0], f.numel(), dtype=torch.float32), [False] * self.A.shape[0]
+        if self.fac is not None:
+            self.fac[bay] = 1.0 if f is None else f.float()
+            self.dora[bay] = f is not None
         r = A.shape[0]
         if self.embedding:
             self.A[bay, :, :r].copy_(A.transpose(0, 1))
@@ -127,17 +110,20 @@ class _Layer:
             self.A[dst].copy_(self.A[src])
             self.B[dst].copy_(self.B[src])
             self.used[dst] = self.used[src]
+            if self.fac is not None:
+                self.fac[dst], self.dora[dst] = self.fac[src], self.dora[src]
+        if self.fac is not None:
+            self.fac[src], self.dora[src] = 1.0, False
         self.A[src].zero_()
         self.B[src].zero_()
         self.used[src] = False
 
-    def prefix(self, k: int) -> tuple[Tensor, Tensor]:
-        """Bays ``0..k-1`` as one (k*R, in) ``A`` and one (k*R, out) ``B`` (views, cached)."""
-        v = self.flat.get(k)
+    def views(self, g: int) -> tuple[Tensor, Tensor]:
+        """Bays ``0..g-1`` of ``A`` and ``B`` (views, cached)."""
+        v = self.flat.get(g)
         if v is None:
             assert self.A is not None and self.B is not None
-            r = self.rank()
-            v = self.flat[k] = (self.A[:k].reshape(k * r, -1), self.B[:k].reshape(k * r, -1))
+            v = self.flat[g] = (self.A[:g], self.B[:g])
         return v
 
 
@@ -151,16 +137,17 @@ class AdapterBays:
         self.owner: list[str] = []          # the adapter in bay i
         self.refs: dict[str, int] = {}      # rows using each adapter
         self.layers: dict[int, _Layer] = {}
-        self._step: _Step | None = None
+        self._step: Step | None = None
         self._step_key: Any = None
-        self._cached: _Step | None = None
+        self._cached: Step | None = None
         self.sync()
 
     def sync(self) -> None:
         """Track LoRA layers added since (loading an adapter that targets new modules wraps them)."""
         for name, layer in lorakit.lora_layers(self.model):
             if id(layer) not in self.layers:
-                st = _Layer(name, layer, isinstance(layer, Embedding))
+                emb = isinstance(layer, Embedding)
+                st = _Layer(name, layer, emb, bias=None if emb else layer._parameters.get("bias"))
                 st.forward = self._make_forward(st)
                 self.layers[id(layer)] = st
 
@@ -168,20 +155,31 @@ class AdapterBays:
         """Whether a row with adapter ``name`` can join now (its adapter has a bay or one is free)."""
         return name in self.refs or len(self.owner) < self.n
 
-    def _pairs(self, name: str) -> list[tuple[_Layer, Tensor, Tensor]]:
-        """(layer, A (r, in), B (out, r) scaled) of adapter ``name`` on each layer carrying it; checks first."""
+    def _pairs(self, name: str) -> list[tuple[_Layer, Tensor, Tensor, Tensor | None]]:
+        """(layer, A (r, in), B (out, r) scaled, DoRA factor (out,) or None) of adapter ``name`` on each
+        layer carrying it; checks first (plain LoRA on Linear / MergedLinear / Embedding, DoRA but on
+        MergedLinear)."""
         out = []
         for st in self.layers.values():
             slot = st.layer.__dict__.get("_lora_slots", {}).get(name)
             if slot is None:
                 continue
-            if not isinstance(st.layer, _SUPPORTED) or st.layer.__dict__.get("lora_variant") is not None:
-                raise AdapterLoadError(f"{st.name!r} is a {type(st.layer).__name__}"
-                                       f"{' with a LoRA variant' if isinstance(st.layer, _SUPPORTED) else ''}: "
-                                       "the server batches plain LoRA on Linear, MergedLinear and Embedding "
-                                       "layers only", param="model")
+            v = slot.variant
+            what = None
+            if not isinstance(st.layer, _SUPPORTED):
+                what = f"a {type(st.layer).__name__}"
+            elif v is not None and (not isinstance(v, _Dora) or isinstance(st.layer, MergedLinear)):
+                what = f"a {type(st.layer).__name__} with a {v.describe()} adapter"
+            if what is not None:
+                raise AdapterLoadError(f"adapter {name!r}: {st.name!r} is {what}: the server batches plain LoRA "
+                                       "on Linear, MergedLinear and Embedding layers and DoRA on Linear and "
+                                       "Embedding layers only", param="model")
             B = merged_dense_B(slot.B, st.layer.enable_lora) if isinstance(st.layer, MergedLinear) else slot.B
-            out.append((st, slot.A.detach(), B.detach() * slot.scaling))
+            f = None
+            if v is not None:  # DoRA: f = m / ||W0 + s B A|| per output, B scaled by it (as batch_adapters)
+                f = v.row_factor(st.layer, slot.A, slot.B, slot.scaling).detach()
+                B = dora_B(st.layer, slot, B)
+            out.append((st, slot.A.detach(), B.detach() * slot.scaling, f))
         return out
 
     def acquire(self, name: str) -> None:
@@ -200,9 +198,9 @@ class AdapterBays:
         pairs = self._pairs(name)
         bay = len(self.owner)
         with torch.no_grad():
-            for st, A, B in pairs:
+            for st, A, B, f in pairs:
                 st.fit(self.n, A, B)
-                st.put(bay, A, B)
+                st.put(bay, A, B, f)
         self.owner.append(name)
         self.refs[name] = 1
 
@@ -223,23 +221,11 @@ class AdapterBays:
         self.owner[j] = self.owner[last]
         self.owner.pop()
 
-    def _step_for(self, names: tuple[str, ...], device: torch.device) -> _Step | None:
+    def _step_for(self, names: tuple[str, ...], device: torch.device) -> Step | None:
         key = (names, tuple(self.owner), device)
         if key != self._step_key:
             bay = {n: i for i, n in enumerate(self.owner)}
-            bays = [bay.get(n, self.n) for n in names]
-            k = len(self.owner)
-            step = None
-            if any(b < self.n for b in bays):
-                onehot = None
-                if k > 1 or any(b != 0 for b in bays):
-                    onehot = torch.zeros(len(names), k)
-                    for i, b in enumerate(bays):
-                        if b < self.n:
-                            onehot[i, b] = 1.0
-                    onehot = onehot.to(device)
-                step = _Step(bays, k, torch.tensor(bays, dtype=torch.long, device=device), onehot)
-            self._step_key, self._cached = key, step
+            self._step_key, self._cached = key, plan([bay.get(n, self.n) for n in names], self.n, device)
         return self._cached
 
     @contextlib.contextmanager
@@ -255,7 +241,7 @@ class AdapterBays:
                 d = st.layer.__dict__
                 saved.append((d, d.get("forward", _NONE), d.get("_lora_sel", _NONE)))
                 d["_lora_sel"] = (None, None)
-                if step is not None and any(st.used[:step.k]):
+                if step is not None and any(st.used[b] for b in step.groups):
                     d["forward"] = st.forward
             self._step = step
             yield
@@ -277,52 +263,13 @@ class AdapterBays:
             step = self._step
             if step is None or layer.lora_disabled or st.A is None or st.B is None:
                 return out
+            if st.fac is not None and any(st.dora[b] for b in step.groups):  # DoRA rows: f_row * (y - b) + b
+                out = rescale_rows(out, step.slot, st.fac, st.bias)
             if st.embedding:
-                return _embedding_delta(x, out, step, st.A, st.B)
-            return _linear_delta(x, out, step, st)
+                return embedding_delta(x, out, step, st.A, st.B)
+            return linear_delta(x, out, step, st.A, st.B, None if step.gidx is not None else st.views(step.g))
 
         return forward
-
-
-def _add(out: Tensor, delta: Tensor) -> Tensor:
-    if delta.dtype == out.dtype and not torch.is_grad_enabled():
-        return out.add_(delta)
-    return out + delta.to(out.dtype)
-
-
-def _linear_delta(x: Tensor, out: Tensor, step: _Step, st: _Layer) -> Tensor:
-    """``out`` + each row's update: masked dense matmuls over bays ``0..k-1`` (decoding) or per-row weights."""
-    assert st.A is not None and st.B is not None
-    bsz, in_f, out_f = x.shape[0], x.shape[-1], out.shape[-1]
-    n_tok = x.numel() // in_f
-    t_len = n_tok // bsz
-    dtype = st.A.dtype
-    inplace = out.dtype == dtype and out.is_contiguous() and not torch.is_grad_enabled()
-    if t_len < ROW_TOKENS:
-        A, B = st.prefix(step.k)
-        h = torch.mm(x.reshape(n_tok, in_f).to(dtype), A.t())  # (rows*T, k*R)
-        mask = step.mask(st.rank(), dtype)
-        if mask is not None:
-            h.view(bsz, t_len, -1).mul_(mask.unsqueeze(1))
-        if inplace:
-            out.view(n_tok, out_f).addmm_(h, B)
-            return out
-        return _add(out, torch.mm(h, B).view(out.shape))
-    Ar, Br = st.A.index_select(0, step.slot), st.B.index_select(0, step.slot)  # (rows, R, in), (rows, R, out)
-    t = torch.bmm(x.reshape(bsz, t_len, in_f).to(dtype), Ar.transpose(1, 2))
-    if inplace:
-        out.view(bsz, t_len, out_f).baddbmm_(t, Br)
-        return out
-    return _add(out, torch.bmm(t, Br).view(out.shape))
-
-
-def _embedding_delta(ids: Tensor, out: Tensor, step: _Step, A: Tensor, B: Tensor) -> Tensor:
-    """``out`` + each row's embedding update: its ids looked up in its own bay's ``A^T`` (num, R)."""
-    bsz, num, r = ids.shape[0], A.shape[1], A.shape[2]
-    idb = ids.reshape(bsz, -1)
-    emb = F.embedding(idb + (step.slot * num).view(-1, 1), A.reshape(-1, r))  # (rows, T, R)
-    delta = torch.bmm(emb, B.index_select(0, step.slot))  # (rows, T, dim)
-    return _add(out, delta.view(out.shape))
 
 
 __all__ = ["AdapterBays"]

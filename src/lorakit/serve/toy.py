@@ -56,8 +56,10 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, context: int = 
 
 
 def random_adapter(model: torch.nn.Module, path: str | Path, *, r: int = 8, alpha: float = 16.0,
-                   targets: str | Sequence[str] = "all-linear", seed: int = 0, std: float = 0.2) -> Path:
-    """Write a PEFT adapter for ``model`` with random A and random non-zero B (so it changes outputs).
+                   targets: str | Sequence[str] = "all-linear", seed: int = 0, std: float = 0.2,
+                   use_dora: bool = False) -> Path:
+    """Write a PEFT adapter for ``model`` with random A and random non-zero B (so it changes outputs);
+    ``use_dora``: a DoRA adapter, its magnitudes scaled by random factors in [1, 1.5).
 
     ``model`` is left unchanged: the adapter is built on a deep copy.
     """
@@ -66,12 +68,16 @@ def random_adapter(model: torch.nn.Module, path: str | Path, *, r: int = 8, alph
     import lorakit
 
     m = copy.deepcopy(model)
-    lorakit.inject(m, lorakit.LoraConfig(r=r, alpha=alpha, targets=targets))
+    lorakit.inject(m, lorakit.LoraConfig(r=r, alpha=alpha, targets=targets, use_dora=use_dora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(m):
             for p in (layer.lora_A, layer.lora_B):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+        if use_dora:  # m is ||W0|| from injection (B was 0): rescaled so that the magnitudes matter
+            for n, p in m.named_parameters():
+                if "magnitude" in n:
+                    p.mul_(1 + 0.5 * torch.rand(p.shape, generator=g))
     return lorakit.save_adapter(m, path)
 
 
