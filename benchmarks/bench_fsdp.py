@@ -115,18 +115,20 @@ def load_like_trainer(preset: str, variant: str, ctx: Any, quantize: str | None 
 
     torch.manual_seed(0)
     src = resolve(preset)
-    if variant == "ddp" or quantize:  # --fsdp --quantize: the full load, quantized, on every rank
+    if variant == "ddp" and not quantize:
         model = load_model(src, "classification", 2)
-    else:
+    else:  # --quantize streams from the skeleton; under --fsdp the float rest waits on meta for its shards
         model = meta_load.skeleton(src, "classification", 2, ctx)
+        if quantize and variant != "ddp":
+            meta_load.defer_rest(model)
     if quantize:
         from lorakit.train.models import quantize_for_training
 
         quantize_for_training(model, quantize)
     apply_method(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
-    if meta_load.is_skeleton(model):  # nothing allocated yet: the bytes the file's tensors will take
-        return model, sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    return model, resident_base_bytes(model)
+    # not allocated yet (skeleton): the bytes the file's tensors will take
+    pending = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad and p.is_meta)
+    return model, resident_base_bytes(model) + pending
 
 
 def measure(variant: str, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
@@ -185,8 +187,8 @@ def main() -> None:
                     help="quantize the base first (bitsandbytes), as `lorakit train --quantize` does")
     ap.add_argument("--json", default=None, help="rank 0 also writes the rows here")
     ap.add_argument("--load", default=None, help="a preset (smollm2) loaded as `lorakit train` loads it: full "
-                    "model per rank for ddp, meta-device skeleton + per-rank shards for fsdp; one variant per "
-                    "launch, so that each rank's peak RSS is that variant's")
+                    "model per rank for ddp (streamed quantize with --quantize), meta-device skeleton + per-rank "
+                    "shards for fsdp; one variant per launch, so that each rank's peak RSS is that variant's")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))

@@ -68,6 +68,8 @@ class Trainer:
         random.seed(cfg.seed)
         src = resolve(cfg.model)
         self.tokenizer = load_tokenizer(src)
+        if cfg.fsdp and (self.ctx.device.type == "cpu" or cfg.fsdp_offload):
+            dd.return_freed_host_memory()  # what fsdp.shard sets, from the load on (freed float weights go back)
         if meta_load.applies(cfg, src):  # --fsdp: parameters on meta; each rank reads its shard in fsdp.shard
             self.model = meta_load.skeleton(src, self.spec.kind, self.spec.num_labels, self.ctx)
             if cfg.fsdp and cfg.quantize:

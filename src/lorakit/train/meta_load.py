@@ -265,8 +265,8 @@ def materialise(model: nn.Module, device: torch.device) -> None:
             if name in keep:
                 t.copy_(keep.pop(name))
         for f, names in by_file.items():
-            with safe_open(str(f), "pt") as fh:
-                for name in names:
+            for name in names:  # mapped per tensor: the pages read leave the RSS with the map
+                with safe_open(str(f), "pt") as fh:
                     local, dim, start = _local(params[name])
                     sl = fh.get_slice(plan[name][1])
                     rows = sl[start:start + local.shape[0]] if dim == 0 else sl[:]
