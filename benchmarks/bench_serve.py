@@ -7,9 +7,13 @@ per setting (the load generator stops by itself). The server runs as its own pro
 ``generate``, one request at a time, ``set_adapter``) runs the same load at 8 adapters. Every
 request must end with exactly one complete response (a finish reason, then ``[DONE]``) or one
 error event; the servers' logs must hold no error. Greedy texts of the baseline's requests are
-compared with lorakit's for the same requests::
+compared with lorakit's for the same requests. ``--rounds N`` runs the settings N times in turn (1, 8,
+64, 1, 8, 64, ...) so that a machine whose load drifts slows every setting alike; each setting's figure
+is over all its rounds, and the per-round ratios are printed. The server's CPU seconds (user + system,
+``/proc``) per 1,000 generated tokens are reported next to the wall-clock throughput::
 
     python -m benchmarks.bench_serve --threads 2 --requests 48 --baseline-requests 16 --out /tmp/serve.md
+    python -m benchmarks.bench_serve --threads 2 --requests 16 --rounds 3 --baseline-requests 16
 """
 
 from __future__ import annotations
@@ -108,6 +112,15 @@ class Proc:
         return [ln for ln in self.log.read_text().splitlines() if "Traceback" in ln or " ERROR " in ln]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def one_request(client: Any, body: dict[str, Any]) -> dict[str, Any]:
     """Stream one completion; times of the first and every later text chunk, the outcome."""
     t0 = time.perf_counter()
@@ -175,13 +188,14 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def summarize(label: str, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def summarize(label: str, results: list[dict[str, Any]], wall: float, cpu: float = float("nan")) -> dict[str, Any]:
     ok = [r for r in results if r.get("ok")]
     ttft = [r["times"][0] - r["t0"] for r in ok if r["times"]]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in ok)
     return {"label": label, "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
-            "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "cpu_s": cpu,
+            "cpu_per_1k": 1e3 * cpu / tokens if tokens else float("nan"),
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
             "lost": [r.get("error") for r in results if not r.get("ok")][:3]}
 
@@ -191,7 +205,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the SmolLM2 copy of benchmarks.harness)")
     ap.add_argument("--adapter-dir", default="/tmp/lorakit-bench-adapters")
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 8, 64], help="distinct adapters in the mix")
-    ap.add_argument("--requests", type=int, default=48, help="requests per lorakit setting")
+    ap.add_argument("--requests", type=int, default=48, help="requests per lorakit setting and round")
+    ap.add_argument("--rounds", type=int, default=1, help="run the lorakit settings this many times in turn")
     ap.add_argument("--baseline-requests", type=int, default=16, help="requests for the baseline (0: skip it)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -233,13 +248,21 @@ def main() -> None:
     try:
         srv.wait_up(url)
         print(f"lorakit server up at {url}", flush=True)
+        runs: dict[int, list[tuple[list[dict[str, Any]], float, float]]] = {k: [] for k in args.counts}
+        for rnd in range(args.rounds):
+            for k in args.counts:
+                if rnd == 0:
+                    warm = [{"model": f"a{i}", "prompt": "warm up", "max_tokens": 2, "stream": True} for i in range(k)]
+                    run_load(url, warm, args.clients)  # adapters resident, first-call costs paid
+                c0 = cpu_seconds(srv.proc.pid)
+                res, wall = run_load(url, bodies(k, args.requests), args.clients)
+                runs[k].append((res, wall, cpu_seconds(srv.proc.pid) - c0))
+                texts_by.setdefault(k, [r.get("text") for r in res])
+                print(json.dumps(summarize(f"round {rnd + 1}, {k} adapter(s)", res, wall, runs[k][-1][2])),
+                      flush=True)
         for k in args.counts:
-            warm = [{"model": f"a{i}", "prompt": "warm up", "max_tokens": 2, "stream": True} for i in range(k)]
-            run_load(url, warm, args.clients)  # adapters resident, first-call costs paid
-            res, wall = run_load(url, bodies(k, args.requests), args.clients)
-            rows.append(summarize(f"lorakit, {k} adapter(s)", res, wall))
-            texts_by[k] = [r.get("text") for r in res]
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(summarize(f"lorakit, {k} adapter(s)", [r for res, _, _ in runs[k] for r in res],
+                                  sum(w for _, w, _ in runs[k]), sum(c for _, _, c in runs[k])))
     finally:
         code = srv.stop()
     errs = srv.errors()
@@ -256,8 +279,10 @@ def main() -> None:
             base.wait_up(url)
             run_load(url, [{"model": f"a{i}", "prompt": "warm up", "max_tokens": 2, "stream": True}
                            for i in range(8)], args.clients)
+            c0 = cpu_seconds(base.proc.pid)
             res, wall = run_load(url, bodies(8, args.baseline_requests), args.clients)
-            base_row = summarize("baseline (PEFT + generate, one at a time), 8 adapters", res, wall)
+            base_row = summarize("baseline (PEFT + generate, one at a time), 8 adapters", res, wall,
+                                 cpu_seconds(base.proc.pid) - c0)
             print(json.dumps(base_row), flush=True)
             if 8 in texts_by:
                 same = sum(a == r.get("text") for a, r in zip(texts_by[8], res, strict=False))
@@ -265,16 +290,27 @@ def main() -> None:
             base.stop()
         rows.append(base_row)
     anchor = next((r for r in rows if r["label"].startswith("lorakit, 1 ")), rows[0])
-    lines = [f"{args.requests} requests per lorakit setting ({args.baseline_requests} for the baseline), "
+    per_round = []
+    if 1 in runs and args.rounds > 1:
+        for k in args.counts:
+            if k != 1:
+                rs = [(sum(r.get("tokens", 0) for r in a[0]) / a[1]) / (sum(r.get("tokens", 0) for r in b[0]) / b[1])
+                      for a, b in zip(runs[k], runs[1], strict=True)]
+                per_round.append(f"{k} ÷ 1 adapter by round: " + ", ".join(f"{x:.2f}x" for x in rs))
+    lines = [f"{args.requests} requests per lorakit setting and round, {args.rounds} round(s) "
+             f"({args.baseline_requests} for the baseline), "
              f"{args.clients} concurrent streaming clients, prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} "
              f"tokens, {args.new_tokens} new tokens (greedy), all-linear r={args.rank}, server threads "
              f"{args.threads}, max batch {args.max_batch}.", "",
-             "| setting | ok / requests | tokens/s | vs 1 adapter | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| setting | ok / requests | tokens/s | vs 1 adapter | server CPU s / 1k tokens | TTFT p50 / p99 (s) "
+             "| ITL p50 / p99 (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['ok']} / {r['requests']} | {r['tok_s']:.1f} | "
-                     f"{r['tok_s'] / anchor['tok_s']:.2f}x | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+                     f"{r['tok_s'] / anchor['tok_s']:.2f}x | {r['cpu_per_1k']:.1f} | "
+                     f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
                      f"{1e3 * r['itl_p50']:.0f} / {1e3 * r['itl_p99']:.0f} |")
+    lines += [""] + per_round if per_round else []
     if base_row is not None:
         k8 = next((r for r in rows if r["label"].startswith("lorakit, 8 ")), None)
         if k8 is not None:
