@@ -74,6 +74,25 @@ def test_bays_equal_peft_row_by_row(setup: tuple[Any, dict[str, Any], Any]) -> N
     assert bays.owner == [] and all(not any(st.used) for st in bays.layers.values())
 
 
+def test_a_reused_bay_keeps_nothing_of_its_last_adapter(setup: tuple[Any, dict[str, Any], Any]) -> None:
+    """A freed bay is not zeroed at once: the next adapter's smaller rank and missing layers are."""
+    _, _, bays = setup
+    bays.acquire("s")    # r=12 on o_proj, down_proj, embed_tokens: bay 0
+    bays.release("s")    # bay 0 keeps s's values
+    bays.acquire("q")    # r=8, all-linear: o_proj / down_proj ranks 8..11 must be zero again, embed_tokens too
+    st = {x.name: x for x in bays.layers.values()}
+    assert st["model.layers.0.self_attn.o_proj"].rank() == 12 and st["model.embed_tokens"].stale == [False] * 4
+    _check(setup, ["q", "base", "q"], 1)
+    _check(setup, ["q", "q"], 10)
+    bays.acquire("s")
+    bays.release("q")    # s moves into bay 0; bay 1 keeps s's values
+    bays.acquire("p")    # r=4 on q_proj / v_proj only: its bay's o_proj, down_proj and embedding are zeroed
+    _check(setup, ["p", "s", "base"], 1)
+    _check(setup, ["s", "p"], 9)
+    bays.release("s")
+    bays.release("p")
+
+
 def test_rows_needs_acquired_adapters(setup: tuple[Any, dict[str, Any], Any]) -> None:
     from lorakit.serve.errors import AdapterLoadError
 

@@ -14,9 +14,11 @@ Why: :func:`lorakit.batch_adapters` stacks the adapters of a batch per layer and
 stacks (every adapter of the batch, every layer) were rebuilt many times per request. Here each LoRA
 layer keeps preallocated bays, each adapter's scaling folded into its ``B``, smaller ranks
 zero-padded: Linear / MergedLinear ``A`` (bays+1, R, in), Embedding ``A`` (bays+1, num, R), and ``B``
-(bays+1, R, out). Bays ``0..k-1`` hold the batch's ``k`` adapters, the rest stay all zero (the last
-one always). A joining adapter is copied in once; when an adapter's last row leaves, the last used
-bay moves into its place, so the batch's adapters are always one contiguous prefix.
+(bays+1, R, out). Bays ``0..k-1`` hold the batch's ``k`` adapters; the last bay is always zero (for
+rows without an adapter). A joining adapter is copied in once; when an adapter's last row leaves, the
+last used bay moves into its place, so the batch's adapters are always one contiguous prefix. A bay
+left behind keeps its values (only bays with rows are read) and is cleaned when it is reused: the rank
+tail of a smaller-rank adapter and the layers the new adapter lacks are zeroed then.
 
 Each forward's update is computed by :mod:`.bay_math`: rows grouped by bay (each bay's ``A``/``B``
 read once and applied to its own rows only, batched matmuls over the bays with rows), or two plain
@@ -58,6 +60,7 @@ class _Layer:
     A: Tensor | None = None           # Linear: (n+1, R, in); Embedding: (n+1, num, R)
     B: Tensor | None = None           # (n+1, R, out)
     used: list[bool] = field(default_factory=list)  # bay i holds a non-zero update for this layer
+    stale: list[bool] = field(default_factory=list)  # bay i still holds a departed adapter's values
     flat: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     forward: Any = None
     fac: Tensor | None = None         # (n+1, out) fp32 DoRA factors m / ||W0 + sBA||, ones elsewhere
@@ -84,11 +87,11 @@ class _Layer:
             new_b[:, :old] = self.B
         self.A, self.B, self.flat = new_a, new_b, {}
         if not self.used:
-            self.used = [False] * (n + 1)
+            self.used, self.stale = [False] * (n + 1), [False] * (n + 1)
 
-    def put(self, bay: int, A: Tensor, B: Tensor, f: Tensor | None = None) -> None:
-        """Copy one adapter's ``A`` (r, in) and scaled ``B`` (out, r) into ``bay`` (rank padded with zeros);
-        ``f`` (out,): a DoRA adapter's factor (its ``B`` already scaled by it)."""
+    def put(self, bay: int, A: Tensor, B: Tensor, scaling: float, f: Tensor | None = None) -> None:
+        """Copy one adapter's ``A`` (r, in) and ``scaling * B`` (B: (out, r)) into ``bay``, rank padded with
+        zeros; ``f`` (out,): a DoRA adapter's factor (its ``B`` already scaled by it)."""
         assert self.A is not None and self.B is not None
         if f is not None and self.fac is None:
             self.fac, self.dora = f.new_ones(self.A.shape[0], f.numel(), dtype=torch.float32), [False] * self.A.shape[0]
@@ -100,22 +103,33 @@ class _Layer:
             self.A[bay, :, :r].copy_(A.transpose(0, 1))
         else:
             self.A[bay, :r].copy_(A)
-        self.B[bay, :r].copy_(B.transpose(0, 1))
-        self.used[bay] = True
+        torch.mul(B.transpose(0, 1), scaling, out=self.B[bay, :r])  # one pass, no scaled temporary
+        if self.stale[bay] and r < self.rank():  # a departed adapter of a higher rank left values there
+            (self.A[bay, :, r:] if self.embedding else self.A[bay, r:]).zero_()
+            self.B[bay, r:].zero_()
+        self.used[bay], self.stale[bay] = True, False
+
+    def clear(self, bay: int) -> None:
+        """Zero a stale ``bay`` (an adapter not on this layer takes it)."""
+        if self.stale[bay]:
+            assert self.A is not None and self.B is not None
+            self.A[bay].zero_()
+            self.B[bay].zero_()
+            self.stale[bay] = False
 
     def move(self, src: int, dst: int) -> None:
-        """Bay ``src`` into ``dst`` (unless equal), then ``src`` zeroed."""
+        """Bay ``src`` into ``dst`` (unless equal); ``src`` is left stale (zeroed only when reused: only bays
+        with rows are ever read, :meth:`put` / :meth:`clear` clean it)."""
         assert self.A is not None and self.B is not None
         if src != dst:
             self.A[dst].copy_(self.A[src])
             self.B[dst].copy_(self.B[src])
-            self.used[dst] = self.used[src]
+            self.used[dst], self.stale[dst] = self.used[src], self.stale[src]
             if self.fac is not None:
                 self.fac[dst], self.dora[dst] = self.fac[src], self.dora[src]
         if self.fac is not None:
             self.fac[src], self.dora[src] = 1.0, False
-        self.A[src].zero_()
-        self.B[src].zero_()
+        self.stale[src] = self.stale[src] or self.used[src]
         self.used[src] = False
 
     def views(self, g: int) -> tuple[Tensor, Tensor]:
@@ -155,8 +169,8 @@ class AdapterBays:
         """Whether a row with adapter ``name`` can join now (its adapter has a bay or one is free)."""
         return name in self.refs or len(self.owner) < self.n
 
-    def _pairs(self, name: str) -> list[tuple[_Layer, Tensor, Tensor, Tensor | None]]:
-        """(layer, A (r, in), B (out, r) scaled, DoRA factor (out,) or None) of adapter ``name`` on each
+    def _pairs(self, name: str) -> list[tuple[_Layer, Tensor, Tensor, float, Tensor | None]]:
+        """(layer, A (r, in), B (out, r), scaling, DoRA factor (out,) or None) of adapter ``name`` on each
         layer carrying it; checks first (plain LoRA on Linear / MergedLinear / Embedding, DoRA but on
         MergedLinear)."""
         out = []
@@ -179,7 +193,7 @@ class AdapterBays:
             if v is not None:  # DoRA: f = m / ||W0 + s B A|| per output, B scaled by it (as batch_adapters)
                 f = v.row_factor(st.layer, slot.A, slot.B, slot.scaling).detach()
                 B = dora_B(st.layer, slot, B)
-            out.append((st, slot.A.detach(), B.detach() * slot.scaling, f))
+            out.append((st, slot.A.detach(), B.detach(), slot.scaling, f))
         return out
 
     def acquire(self, name: str) -> None:
@@ -198,9 +212,13 @@ class AdapterBays:
         pairs = self._pairs(name)
         bay = len(self.owner)
         with torch.no_grad():
-            for st, A, B, f in pairs:
+            for st, A, B, scaling, f in pairs:
                 st.fit(self.n, A, B)
-                st.put(bay, A, B, f)
+                st.put(bay, A, B, scaling, f)
+            carried = {id(st) for st, *_ in pairs}
+            for st in self.layers.values():
+                if st.A is not None and id(st) not in carried:
+                    st.clear(bay)
         self.owner.append(name)
         self.refs[name] = 1
 
