@@ -9,8 +9,11 @@ Variants: ``lorakit-fp32`` (the anchor), ``lorakit-nf4``, ``peft-nf4`` (PEFT's b
 (the NF4 base frozen, no LoRA, input grads on), ``lorakit-int8``; ``lorakit-nf4-stream`` /
 ``peft-nf4-stream``: the same NF4 base loaded as ``lorakit train --quantize nf4`` does (a meta-device
 skeleton, each layer read from the safetensors copy and quantized, the float model never resident);
-``micro-ours`` / ``micro-bnb`` time the base part alone (forward + input-gradient backward of the
-1536×576 ``up_proj`` at 512 rows): lorakit's dequantize-then-GEMM Function against ``bitsandbytes.matmul_4bit``.
+``lorakit-nf4-nocompile``: a counterfactual, ``lorakit-nf4`` with bitsandbytes imported while
+``torch.compile`` refuses (``benchmarks/quant_import_cost.py``: its import-time wrappers then do not
+import torch._inductor and networkx, ~40 MiB RSS); not lorakit's behaviour. ``micro-ours`` / ``micro-bnb``
+time the base part alone (forward + input-gradient backward of the 1536×576 ``up_proj`` at 512 rows):
+lorakit's dequantize-then-GEMM Function against ``bitsandbytes.matmul_4bit``.
 
 Peak memory: every parameter is first copied out of the loader's mmap of the checkpoint (else the
 file pages quantization read stay resident while any tensor uses the map). The table's peak is
@@ -94,6 +97,11 @@ def _streamed(quant: str, smoke: bool) -> torch.nn.Module:
 def _build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     import lorakit
 
+    if variant.endswith("-nocompile"):  # counterfactual: bitsandbytes imported without its torch.compile
+        from benchmarks.quant_import_cost import import_bnb_without_compile
+
+        import_bnb_without_compile()
+        variant = variant.removesuffix("-nocompile")
     if variant.endswith("-stream"):
         model = _streamed(variant.split("-")[1], args.smoke)
     else:
@@ -183,7 +191,7 @@ def _micro_run(args: argparse.Namespace, variant: str) -> Measured:
 
 
 VARIANTS = {**variants(_step_run, ("lorakit-fp32", "lorakit-nf4", "peft-nf4", "floor-nf4", "lorakit-int8",
-                                   "lorakit-nf4-stream", "peft-nf4-stream")),
+                                   "lorakit-nf4-stream", "peft-nf4-stream", "lorakit-nf4-nocompile")),
             **variants(_micro_run, ("micro-ours", "micro-bnb"))}
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Where the quantized-base step's RSS goes (issue 15 §5): RSS, anonymous / file RSS and ``VmHWM`` at
-each phase of one ``bench_quant`` variant (import, build, each step's forward and backward), and the
+each phase of one ``bench_quant`` variant (import, build, each step's forward and backward), the
+storages and bytes autograd saves in the first step's forward besides parameters, and the
 live malloc bytes (glibc ``mallinfo2``: in-use heap chunks + mmapped chunks) at rest and at their
 maximum over all module boundaries of two steps. Live bytes vs RSS separates tensors that are alive
 from freed memory the allocator keeps. Not timed: run it beside anything.
@@ -72,8 +73,17 @@ def main() -> None:
         if not list(m.children()):
             m.register_full_backward_hook(sample)
 
+    own = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # what autograd saves, besides the model's parameters
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     def step(tag: str) -> None:
-        out = model(input_ids=ids, labels=ids)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, labels=ids)
         marks.append((f"{tag} forward", status()))
         out.loss.backward()
         marks.append((f"{tag} backward", status()))
@@ -82,6 +92,8 @@ def main() -> None:
             p.grad = None
 
     step("s1")
+    print(f"{a.variant}: autograd saved {len(saved)} storages, {sum(saved.values()) / 2**20:.1f} MiB in one "
+          "forward, besides parameters")
     _LIBC.malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     rest = live_mib()
