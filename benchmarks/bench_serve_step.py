@@ -2,9 +2,12 @@
 
 SmolLM2-135M fp32, the all-linear r=16 adapters of ``bench_serve`` (``/tmp/lorakit-bench-adapters``,
 made by it), a 48-token prefill, then the median of ``--steps`` decode steps (KV cache growing).
-``batch_adapters`` keeps one set of adapters here, so its stacks stay cached (its best case)::
+``batch_adapters`` keeps one set of adapters here, so its stacks stay cached (its best case).
+``--cpu-time`` times with the process's CPU time instead of the wall clock (use it with ``--threads 1``:
+on a shared machine it leaves out the time the process waited for a core)::
 
     flock /tmp/team/bench.lock python -m benchmarks.bench_serve_step --threads 2
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_serve_step --threads 1 --cpu-time --steps 10
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ def main() -> None:
     ap.add_argument("--adapter-dir", default="/tmp/lorakit-bench-adapters")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cpu-time", action="store_true", help="CPU time of the process, not wall time")
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 8, 16],
+                    help="distinct adapters on the 16 rows (0: the base model on every row)")
     args = ap.parse_args()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     import lorakit
     from benchmarks.harness import smollm2_dir
@@ -43,19 +50,20 @@ def main() -> None:
                               logits_to_keep=1).past_key_values
             x, ts = ids[:, -1:], []
             for _ in range(args.steps):
-                t = time.perf_counter()
+                t = clock()
                 with ctx(names):
                     cache = model(input_ids=x, past_key_values=cache, use_cache=True,
                                   logits_to_keep=1).past_key_values
-                ts.append(time.perf_counter() - t)
+                ts.append(clock() - t)
         return 1e3 * sorted(ts)[len(ts) // 2]
 
-    for k in (1, 16):
-        names = [f"a{i % k}" for i in range(16)]
-        for n in names:
+    for k in args.counts:
+        names = [f"a{i % k}" if k else "base" for i in range(16)]
+        held = [n for n in names if n != "base"]
+        for n in held:
             bays.acquire(n)
         new = step_ms(names, lambda nm: bays.rows(nm))
-        for n in names:
+        for n in held:
             bays.release(n)
         old = step_ms(names, lambda nm: lorakit.batch_adapters(model, nm))
         print(f"k={k}: AdapterBays {new:.1f} ms, batch_adapters (cached set) {old:.1f} ms", flush=True)
