@@ -17,7 +17,7 @@ from .conftest import cli_env, run_cli, tiny_train_args, train_losses
 from .test_fsdp import ENV, LOSS_REL, _workers, torchrun
 
 SHORT = {"max_train_examples": 48, "max_eval_examples": 8, "max_steps": 6, "save_every": 2, "method": "full"}
-WEIGHT_ATOL = 1e-5  # measured 4.5e-7 (AdamW on gradients averaged over two half-batch sums vs one sum)
+WEIGHT_ATOL = 1e-5  # measured 3.2e-7, 4.9e-7 resumed (AdamW on gradients averaged from two half-batch sums)
 
 
 ENV_FULL = {**ENV, "LORAKIT_DIST_TIMEOUT": "120", "LORAKIT_MAX_SHARD_SIZE": "40KB"}  # force several files
