@@ -88,11 +88,13 @@ def check(model: nn.Module, matches: Sequence[Any], n_param_targets: int, tokens
             raise UnsupportedModuleError(
                 f"module {m.name!r} has DTensor parameters {sharded} that no fully_shard unit of this model "
                 f"manages; {AFTER}")
+    targets = {id(m.module): m.name for m in matches}
     for fp in _fsdp_params(model):
-        if fp.sharded_state.name != "SHARDED":
+        name = targets.get(id(fp._module_info.module))
+        if name is not None and fp.sharded_state.name != "SHARDED":  # e.g. the root unit after a forward
             raise UnsupportedModuleError(
-                f"inject on a sharded model during a forward/backward ({fp._module_info.param_name!r} is "
-                f"{fp.sharded_state.name}); call it between steps")
+                f"module {name!r}: its {fp._module_info.param_name!r} is {fp.sharded_state.name} (inside a "
+                "forward/backward, or a root unit left unsharded after one); call model.reshard() first")
 
 
 def rebind(model: nn.Module, built: Sequence[tuple[str, nn.Module]], bases: dict[str, nn.Module]) -> int:

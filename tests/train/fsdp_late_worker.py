@@ -81,6 +81,8 @@ def main(out: Path) -> None:
     shard(early, {p for p in early.parameters() if p.requires_grad})  # replicated, as fsdp.shard's default
     shard(late)
     w_shard = late.model.layers[0].self_attn.q_proj.weight.to_local().clone()
+    with torch.no_grad():  # a forward first: the root unit's parameters stay unsharded after it
+        late(input_ids=x)
     torch.manual_seed(1 + rank)  # a different RNG state on each rank: inject broadcasts rank 0's factors
     lorakit.inject(late, cfg)
 
