@@ -244,6 +244,8 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     if sharded:
         _sharded.check(model, matches, len(pmatches), tokens)
     built = build_layers(matches, sharded=sharded)  # every layer checked before a weight-rewriting init runs
+    if sharded:  # the collective before any change: a rank that fails (timeout) leaves its model as it was
+        _sharded.broadcast_new(built)
     pbuilt = _params.build(pmatches, config)
     if not hasattr(model, "_lorakit_requires_grad"):
         model._lorakit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -251,7 +253,6 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
         _set_module(model, name, layer)
     if sharded:
         _sharded.rebind(model, built, {m.name: m.module for m in matches})
-        _sharded.broadcast_new(built)
     _params.install(pbuilt)
     _tokens.apply(model, tokens)
     configs = dict(getattr(model, "_lorakit_configs", {}))

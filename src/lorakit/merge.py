@@ -13,6 +13,7 @@ from torch import nn
 
 from .checks import takes_model
 from .inject import _set_module, forget_injection, lora_layers
+from .sharded_inject import reshard
 from .tokens import bake as _bake_tokens
 
 
@@ -28,6 +29,7 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
 
     QR.check_merge(model, "merge")
     QSH.check_model(model)  # FSDP2-sharded quantized layers: what merges there (lorakit.quant.sharded)
+    reshard(model)  # FSDP2: the shards are written, not a gathered copy left by a no_grad forward
     for _, layer in lora_layers(model):
         if not layer.lora_disabled:
             layer.merge(keep_original=keep_original)
@@ -37,6 +39,7 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
 @takes_model
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`, restoring the original weights bit for bit. No-op when not merged."""
+    reshard(model)
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model

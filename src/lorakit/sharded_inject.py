@@ -12,8 +12,9 @@ being swapped.
 The new LoRA factors are plain tensors outside FSDP (the *replicated* placement that
 ``lorakit.train.fsdp.shard`` uses by default: whole on every rank, their gradients averaged by
 :class:`lorakit.train.fsdp.Sharded`). :func:`broadcast_new` copies rank 0's initial values to every
-rank, so the adapter starts identical everywhere whatever each rank's RNG state was. ``inject`` is
-then a collective: call it on every rank with the same config.
+rank, so the adapter starts identical everywhere whatever each rank's RNG state was (before the model
+changes: a failed broadcast leaves it as it was). ``inject`` is then a collective: call it on every rank
+with the same config. :func:`reshard` is what ``lorakit.merge`` / ``unmerge`` run first on any model.
 
 Not supported after sharding (typed refusal, model unchanged; inject before ``fully_shard`` instead):
 weight-reading inits (PiSSA / OLoRA / EVA / LoftQ) and variants (DoRA, LoRA bias), which need the full
@@ -95,6 +96,21 @@ def check(model: nn.Module, matches: Sequence[Any], n_param_targets: int, tokens
             raise UnsupportedModuleError(
                 f"module {name!r}: its {fp._module_info.param_name!r} is {fp.sharded_state.name} (inside a "
                 "forward/backward, or a root unit left unsharded after one); call model.reshard() first")
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP2 unit of ``model`` back to its sharded parameters (local, no collective). A forward under
+    ``no_grad`` leaves the root unit unsharded; ``merge`` / ``unmerge`` written into that gathered copy
+    would be lost when FSDP2 frees it (the shards kept W0). No-op without FSDP2."""
+    import sys
+
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing can have been sharded
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for mod in model.modules():
+        if isinstance(mod, FSDPModule):
+            mod.reshard()
 
 
 def rebind(model: nn.Module, built: Sequence[tuple[str, nn.Module]], bases: dict[str, nn.Module]) -> int:

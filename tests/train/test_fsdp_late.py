@@ -42,3 +42,26 @@ def test_inject_after_fully_shard_equals_inject_before_and_one_process(tmp_path:
         # DoRA needs the full W0: refused by module name, model unchanged
         assert "model.layers.0.self_attn.q_proj" in r["dora_late"] and "before fully_shard" in r["dora_late"]
         assert r["dora_unchanged"] and r["dora_forward"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_merge_after_a_no_grad_forward_writes_the_root_units_shards(tmp_path: Path) -> None:
+    """A forward under no_grad leaves FSDP2's root unit unsharded; ``lorakit.merge`` / ``unmerge`` then must
+    still change the shards (worker: fsdp_root_merge_worker.py), else the merge vanishes at the next reshard
+    (measured without it: outputs 3.2 off the 1-process merged model, weights 2.9). Also: an inject after
+    fully_shard whose broadcast fails leaves the model unchanged."""
+    worker = Path(__file__).with_name("fsdp_root_merge_worker.py")
+    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=cli_env(**ENV), capture_output=True,
+                         text=True, timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(r["state_before_merge"]) == {"UNSHARDED"}  # the case under test
+        assert r["merge_wrote_shards"]
+        assert r["merged_fwd"] < 1e-6 and r["merged_after_reshard"] < 1e-6 and r["merged_weight"] < 1e-6
+        assert r["unmerge_bits"] and r["unmerged_after_reshard"] < 1e-6
+        assert r["recomputed_unmerged"] < 1e-6
+        # inject after fully_shard whose broadcast fails (a timed-out collective): model as it was, retry works
+        assert "Timed out" in r["failed_error"] and r["failed_unchanged"] and r["failed_forward"]
+        assert r["retry_layers"] and r["retry_forward"]
