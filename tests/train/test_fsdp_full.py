@@ -51,6 +51,21 @@ def assert_same_model(ref: Path, out: Path, tiny_bert: Path) -> None:
     moved = [k for k in sa if k in s0 and "embeddings.position_ids" not in k and not torch.equal(sa[k], s0[k])]
     assert len(moved) > len(sa) // 2  # the base really trained (not only the head)
     assert (out / "model/config.json").is_file() and (out / "model/tokenizer_config.json").is_file()
+    arch = json.loads((out / "model/config.json").read_text())["architectures"]
+    assert arch == json.loads((ref / "model/config.json").read_text())["architectures"]
+
+
+def test_config_names_the_model_class_not_fsdp2s_wrapper() -> None:
+    """``fully_shard`` swaps the model's class for ``FSDP<Class>``; config.json's ``architectures`` must
+    name the class ``save_pretrained`` would (a base checkpoint's own entry, e.g. ``BertModel``, is stale)."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import BertForSequenceClassification
+
+    from lorakit.train.fsdp_full import model_class_name
+
+    wrapped = type("FSDPBertForSequenceClassification", (FSDPModule, BertForSequenceClassification), {})
+    assert model_class_name(wrapped) == "BertForSequenceClassification"
+    assert model_class_name(BertForSequenceClassification) == "BertForSequenceClassification"
 
 
 @pytest.mark.slow

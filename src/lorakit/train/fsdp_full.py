@@ -76,6 +76,13 @@ def _plan(state: list[tuple[str, torch.Tensor]], max_shard_size: int) -> list[li
     return files
 
 
+def model_class_name(cls: type) -> str:
+    """The model's own class under ``fully_shard``'s ``FSDP<Class>`` wrapper (``config.architectures``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def save_model(model: nn.Module, tokenizer: Any, dest: Path, meta_text: str, ctx: Any,
                max_shard_size: int | None = None) -> Path:
     """Write the sharded model's full weights to ``dest`` (rank 0) from every rank's shards (collective)."""
@@ -105,6 +112,7 @@ def save_model(model: nn.Module, tokenizer: Any, dest: Path, meta_text: str, ctx
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        model.config.architectures = [model_class_name(type(model))]  # as save_pretrained sets it
         model.config.save_pretrained(d)  # type: ignore[operator]
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
