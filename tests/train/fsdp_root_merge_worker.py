@@ -61,6 +61,10 @@ def main(out: Path) -> None:
     full = m[0].weight.full_tensor()  # lorakit's Linear: the weight is its own (a DTensor, sharded)
     res["merged_weight"] = float((full - ref[0].weight).abs().max())
     res["merged_after_reshard"] = float((fwd(m) - fwd(ref)).abs().max())
+    with lorakit.disable_adapters(m), lorakit.disable_adapters(ref):  # root gathered again: unmerge, re-merge
+        res["disabled"] = float((fwd(m) - fwd(ref)).abs().max())
+    m.reshard()
+    res["remerged_after_reshard"] = float((fwd(m) - fwd(ref)).abs().max())
     fwd(m)  # unsharded again before unmerge
     lorakit.unmerge(m)
     lorakit.unmerge(ref)

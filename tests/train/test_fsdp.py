@@ -31,6 +31,15 @@ def torchrun(n: int) -> list[str]:
     return [exe, "--standalone", "--nproc_per_node", str(n)]
 
 
+def run_worker(name: str, out: Path, timeout: int, **env: str) -> list[dict]:
+    """``torchrun`` 2 gloo ranks of ``tests/train/<name>`` writing ``<out>/rank<R>.json``: their results."""
+    worker = Path(__file__).with_name(name)
+    res = subprocess.run([*torchrun(2), str(worker), str(out)], env=cli_env(**{**ENV, **env}), capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
 def adapter(run: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -151,6 +160,24 @@ def _workers(parent: int) -> list[int]:
     return out
 
 
+def kill_a_rank_at_first_checkpoint(args: list[str], out: Path, env: dict[str, str], wait_s: float) -> None:
+    """``lorakit train args`` on 2 ranks; once ``out/checkpoint.pt`` exists, kill -9 one rank: the run fails."""
+    proc = subprocess.Popen([*torchrun(2), "-m", "lorakit", *args], env=cli_env(**env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + wait_s
+        while not (out / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _workers(proc.pid)
+        assert workers and proc.poll() is None, "the run ended before its first checkpoint"
+        os.kill(max(workers), signal.SIGKILL)
+        assert proc.wait(timeout=wait_s) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's rank processes through /proc")
 def test_kill_a_rank_then_resume_on_one_rank(
@@ -160,20 +187,7 @@ def test_kill_a_rank_then_resume_on_one_rank(
 
     out = tmp_path / "killed"
     args = tiny_train_args(tiny_bert, sentiment_files, **COMMON, batch_size=4, fsdp=True, output_dir=out)
-    proc = subprocess.Popen([*torchrun(2), "-m", "lorakit", *args], env=cli_env(**ENV),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while not (out / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        workers = _workers(proc.pid)
-        assert workers and proc.poll() is None, "the run ended before its first checkpoint"
-        os.kill(max(workers), signal.SIGKILL)
-        assert proc.wait(timeout=90) != 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    kill_a_rank_at_first_checkpoint(args, out, ENV, wait_s=90)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and 3 <= state["step"] < COMMON["max_steps"]
     assert (out / state["dcp"] / ".metadata").is_file()
@@ -254,12 +268,7 @@ def test_library_api_on_a_sharded_model(tmp_path: Path) -> None:
     (2 gloo ranks) against an unsharded copy of the same model; two named adapters switched, the second trained
     3 SGD steps (each rank half the batch vs the whole batch unsharded) and saved by name (worker:
     fsdp_api_worker.py)."""
-    worker = Path(__file__).with_name("fsdp_api_worker.py")
-    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=cli_env(**ENV), capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for rank in (0, 1):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for r in run_worker("fsdp_api_worker.py", tmp_path, timeout=120):
         assert r["forward"] == 0.0 and r["disabled_vs_base"] == 0.0 and r["unmerged"] == 0.0
         assert r["merged"] < 1e-6 and r["merge_changed_weight"] and r["unmerge_bits"]
         assert r["saved_same_keys"] and r["saved"] == 0.0

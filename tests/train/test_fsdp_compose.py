@@ -8,7 +8,6 @@ must reproduce its loss at every step (``LOSS_REL``, measured <= 1e-7 in test_fs
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from .conftest import cli_env, run_cli, tiny_train_args, train_losses
-from .test_fsdp import ENV, LOSS_REL, assert_same_adapter, torchrun
+from .test_fsdp import ENV, LOSS_REL, assert_same_adapter, run_worker, torchrun
 
 SHORT = {"max_train_examples": 48, "max_eval_examples": 8, "max_steps": 6, "save_every": 100}
 
@@ -214,12 +213,7 @@ def test_sharding_frees_the_wrapped_base_weights(tmp_path: Path) -> None:
     the unsharded copy's (measured 0.511 NF4 with its replicated absmax, 0.500 float; 0.771 / 0.868 when
     they kept the originals), and one training step equals the unsharded copy's on the whole batch."""
     pytest.importorskip("bitsandbytes")
-    worker = Path(__file__).with_name("fsdp_quant_worker.py")
-    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=cli_env(**ENV), capture_output=True,
-                         text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for rank in (0, 1):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for r in run_worker("fsdp_quant_worker.py", tmp_path, timeout=180):
         for kind, bound in (("nf4", 0.52), ("float", 0.501)):
             assert not r[kind]["bases_whole"], kind
             assert r[kind]["resident_of_full"] <= bound, (kind, r[kind])
@@ -235,13 +229,7 @@ def test_merge_unmerge_on_a_sharded_nf4_base(tmp_path: Path) -> None:
     and the absmax bit for bit; merged without a kept copy, unmerge requantizes as the unsharded layer does;
     LoRA injected after fully_shard on the NF4 base forwards and merges as the unsharded model."""
     pytest.importorskip("bitsandbytes")
-    worker = Path(__file__).with_name("fsdp_quant_merge_worker.py")
-    env = cli_env(**{**ENV, "LORAKIT_DIST_TIMEOUT": "120"})
-    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=220)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for rank in (0, 1):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for r in run_worker("fsdp_quant_merge_worker.py", tmp_path, timeout=220, LORAKIT_DIST_TIMEOUT="120"):
         assert r["local_rows_of_ref"]  # each rank holds its chunk of the same packed bytes
         assert r["forward"] == 0.0 and r["disabled"] == 0.0 and r["disabled_changes"] > 1e-2
         assert r["merge_moved_output"] > 1e-2 and r["merged_vs_ref_merged"] == 0.0

@@ -5,16 +5,12 @@ transformers with the 1-process run's weights; also after a rank is killed and t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import cli_env, run_cli, tiny_train_args, train_losses
-from .test_fsdp import ENV, LOSS_REL, _workers, torchrun
+from .conftest import run_cli, tiny_train_args, train_losses
+from .test_fsdp import ENV, LOSS_REL, kill_a_rank_at_first_checkpoint, torchrun
 
 SHORT = {"max_train_examples": 48, "max_eval_examples": 8, "max_steps": 6, "save_every": 2, "method": "full"}
 WEIGHT_ATOL = 1e-5  # measured 3.2e-7, 4.9e-7 resumed (AdamW on gradients averaged from two half-batch sums)
@@ -87,20 +83,7 @@ def test_full_fine_tuning_resumes_on_one_rank_after_a_kill(tmp_path: Path, full_
     model and AdamW's moments): the same losses and weights as the uninterrupted 1-process run."""
     out = tmp_path / "killed"
     args = tiny_train_args(tiny_bert, sentiment_files, **SHORT, batch_size=4, fsdp=True, output_dir=out)
-    proc = subprocess.Popen([*torchrun(2), "-m", "lorakit", *args], env=cli_env(**ENV_FULL),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 150
-        while not (out / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        workers = _workers(proc.pid)
-        assert workers and proc.poll() is None, "the run ended before its first checkpoint"
-        os.kill(max(workers), signal.SIGKILL)
-        assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    kill_a_rank_at_first_checkpoint(args, out, ENV_FULL, wait_s=150)
     import torch
 
     state = torch.load(out / "checkpoint.pt", weights_only=True)

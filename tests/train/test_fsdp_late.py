@@ -6,26 +6,17 @@ one unsharded process training on the whole global batch (plain PyTorch SGD, sam
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import cli_env
-from .test_fsdp import ENV, torchrun
+from .test_fsdp import run_worker
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_inject_after_fully_shard_equals_inject_before_and_one_process(tmp_path: Path) -> None:
-    worker = Path(__file__).with_name("fsdp_late_worker.py")
-    env = cli_env(**{**ENV, "LORAKIT_DIST_TIMEOUT": "120"})
-    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=220)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for rank in (0, 1):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for r in run_worker("fsdp_late_worker.py", tmp_path, timeout=220, LORAKIT_DIST_TIMEOUT="120"):
         assert r["late_layers"] == 6 and r["trainable_same"]
         assert r["init_A"] == 0.0  # rank 1 drew with another seed: inject broadcast rank 0's factors
         # 2 SGD steps, each rank half the batch: the same losses as inject-before-shard and as 1 process
@@ -47,19 +38,16 @@ def test_inject_after_fully_shard_equals_inject_before_and_one_process(tmp_path:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_merge_after_a_no_grad_forward_writes_the_root_units_shards(tmp_path: Path) -> None:
-    """A forward under no_grad leaves FSDP2's root unit unsharded; ``lorakit.merge`` / ``unmerge`` then must
+    """A forward under no_grad leaves FSDP2's root unit unsharded; ``lorakit.merge`` / ``unmerge`` (and
+    ``disable_adapters`` on a merged model: it raised torch's "mixed torch.Tensor and DTensor") then must
     still change the shards (worker: fsdp_root_merge_worker.py), else the merge vanishes at the next reshard
     (measured without it: outputs 3.2 off the 1-process merged model, weights 2.9). Also: an inject after
     fully_shard whose broadcast fails leaves the model unchanged."""
-    worker = Path(__file__).with_name("fsdp_root_merge_worker.py")
-    res = subprocess.run([*torchrun(2), str(worker), str(tmp_path)], env=cli_env(**ENV), capture_output=True,
-                         text=True, timeout=100)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for rank in (0, 1):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for r in run_worker("fsdp_root_merge_worker.py", tmp_path, timeout=100):
         assert set(r["state_before_merge"]) == {"UNSHARDED"}  # the case under test
         assert r["merge_wrote_shards"]
         assert r["merged_fwd"] < 1e-6 and r["merged_after_reshard"] < 1e-6 and r["merged_weight"] < 1e-6
+        assert r["disabled"] < 1e-6 and r["remerged_after_reshard"] < 1e-6  # disable_adapters on it too
         assert r["unmerge_bits"] and r["unmerged_after_reshard"] < 1e-6
         assert r["recomputed_unmerged"] < 1e-6
         # inject after fully_shard whose broadcast fails (a timed-out collective): model as it was, retry works

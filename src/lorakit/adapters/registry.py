@@ -50,6 +50,7 @@ from ..inject import (
     lora_layers,
 )
 from ..layers import LoraLayer
+from ..sharded_inject import reshard
 from ..variants.named import SummedVariants
 
 DEFAULT = "default"
@@ -239,6 +240,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     if len(new) > 1:
         _refuse_variants_summed(reg, new)
     changed = set(old) | set(new)
+    reshard(model)  # FSDP2: merged layers are re-merged into the shards (lorakit.sharded_inject)
     for _, layer in reg.layers:
         merged = layer.merged
         if merged:
@@ -306,11 +308,13 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     layers = [layer for _, layer in lora_layers(model)]
     state = [(layer, layer.merged, layer.lora_disabled) for layer in layers]
     try:
+        reshard(model)  # FSDP2: unmerge / re-merge write the shards, not a gathered copy (lorakit.sharded_inject)
         for layer in layers:
             layer.unmerge()
             layer.lora_disabled = True
         yield
     finally:
+        reshard(model)
         for layer, merged, disabled in state:
             layer.lora_disabled = disabled
             if merged:
