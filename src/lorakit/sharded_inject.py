@@ -72,7 +72,10 @@ def check(model: nn.Module, matches: Sequence[Any], n_param_targets: int, tokens
         raise UnsupportedModuleError(
             "inject on a sharded model: target_parameters / trainable_tokens wrap the sharded Parameters "
             f"themselves; {AFTER}")
-    owners = {id(fp._module_info.module) for fp in _fsdp_params(model)}
+    owners = set()  # the modules FSDP2 swaps parameters on; after an unwrap the base is a shared one
+    for fp in _fsdp_params(model):
+        owners.add(id(fp._module_info.module))
+        owners.update(id(s) for s in fp._module_info.shared_modules)
     for m in matches:
         s = m.spec
         if isinstance(m.module, FSDPModule):

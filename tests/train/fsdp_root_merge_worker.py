@@ -80,6 +80,7 @@ def main(out: Path) -> None:
     m.reshard()
     res["recomputed_unmerged"] = float((fwd(m) - fwd(ref)).abs().max())
     res.update(failed_broadcast(x))
+    res.update(reinject(x))
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
 
@@ -126,6 +127,31 @@ def failed_broadcast(x: torch.Tensor) -> dict[str, bool | str]:
     res["retry_layers"] = sum(1 for _ in lorakit.lora_layers(m)) == 2
     res["retry_forward"] = bool(torch.equal(m(x).detach(), y0))  # B = 0: the base output
     return res
+
+
+def reinject(x: torch.Tensor) -> dict[str, float | str]:
+    """inject after fully_shard, unwrap, inject again (the base is then one of FSDP2's shared modules): it
+    works and forwards as an unsharded model with the same factors."""
+    from torch.distributed.fsdp import fully_shard
+
+    import lorakit
+
+    ref = tiny()
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    fully_shard(m)
+    cfg = lorakit.LoraConfig(r=2, alpha=4, targets=["0", "2"])
+    lorakit.inject(m, cfg)
+    lorakit.unwrap(m)
+    try:
+        lorakit.inject(m, cfg)
+    except lorakit.errors.UnsupportedModuleError as exc:
+        return {"reinject": str(exc)}
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(lorakit.lora_layers(m), lorakit.lora_layers(ref), strict=True):
+            a.lora_A.copy_(b.lora_A)
+            a.lora_B.copy_(b.lora_B)
+        return {"reinject": "ok", "reinject_vs_ref": float((m(x) - ref(x)).abs().max())}
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_merge_after_a_no_grad_forward_writes_the_root_units_shards(tmp_path: Pa
     ``disable_adapters`` on a merged model: it raised torch's "mixed torch.Tensor and DTensor") then must
     still change the shards (worker: fsdp_root_merge_worker.py), else the merge vanishes at the next reshard
     (measured without it: outputs 3.2 off the 1-process merged model, weights 2.9). Also: an inject after
-    fully_shard whose broadcast fails leaves the model unchanged."""
+    fully_shard whose broadcast fails leaves the model unchanged; inject, unwrap, inject again works."""
     for r in run_worker("fsdp_root_merge_worker.py", tmp_path, timeout=100):
         assert set(r["state_before_merge"]) == {"UNSHARDED"}  # the case under test
         assert r["merge_wrote_shards"]
@@ -53,3 +53,5 @@ def test_merge_after_a_no_grad_forward_writes_the_root_units_shards(tmp_path: Pa
         # inject after fully_shard whose broadcast fails (a timed-out collective): model as it was, retry works
         assert "Timed out" in r["failed_error"] and r["failed_unchanged"] and r["failed_forward"]
         assert r["retry_layers"] and r["retry_forward"]
+        # inject, unwrap, inject again after fully_shard (was refused: the base had become a shared module)
+        assert r["reinject"] == "ok" and r["reinject_vs_ref"] < 1e-6
