@@ -58,7 +58,11 @@ def _fsdp_params(model: nn.Module) -> list[Any]:
     out = []
     for mod in model.modules():
         if isinstance(mod, FSDPModule):
-            for group in mod._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
+            state = mod._get_fsdp_state()  # type: ignore[operator]
+            groups = getattr(state, "_fsdp_param_groups", None)  # newer torch: a list; older: one group or None
+            if groups is None:
+                groups = [g for g in (state._fsdp_param_group,) if g is not None]
+            for group in groups:
                 out.extend(group.fsdp_params)
     return out
 
