@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,21 @@ def plan_rows(row_names: Sequence[str], available: Sequence[str], device: torch.
     contiguous = all(len(rows[g]) == m for g in groups) and flat == list(range(len(row_names)))
     if contiguous:
         return RowPlan(groups, m, None, None, None, as_index(slots), slots)
-    gather, src, dst = [], [], []
+    gather, src, dst = padded_groups(groups, rows, m)
+    padded = len(src) < len(gather)
+    return RowPlan(groups, m, as_index(gather), as_index(src) if padded else None, as_index(dst),
+                   as_index(slots), slots)
+
+
+def padded_groups(groups: Sequence[Any], rows: dict[Any, list[int]], m: int) -> tuple[list[int], list[int], list[int]]:
+    """Row indices for ``len(groups)`` groups of ``m`` rows each (short groups padded with their first row).
+
+    ``gather`` lists the input row of every padded position (group-major); ``src`` / ``dst`` map the
+    real positions back to their rows (``out[dst] = grouped[src]``).
+    """
+    gather: list[int] = []
+    src: list[int] = []
+    dst: list[int] = []
     for gi, g in enumerate(groups):
         rs = rows[g]
         for j in range(m):
@@ -102,9 +117,7 @@ def plan_rows(row_names: Sequence[str], available: Sequence[str], device: torch.
             if j < len(rs):
                 src.append(gi * m + j)
                 dst.append(rs[j])
-    padded = len(src) < len(gather)
-    return RowPlan(groups, m, as_index(gather), as_index(src) if padded else None, as_index(dst),
-                   as_index(slots), slots)
+    return gather, src, dst
 
 
 def stack_pairs(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..adapters.batched import padded_groups
+
 
 @dataclass(eq=False)
 class Step:
@@ -86,14 +88,7 @@ def plan(bays: list[int], n: int, device: torch.device) -> Step | None:
     flat = [i for b in groups for i in rows[b]]
     if len(flat) == len(bays) and flat == list(range(len(bays))) and all(len(rows[b]) == m for b in groups):
         return Step(bays, slot, None, groups, m, gidx, None, None, None)
-    gather, src, dst = [], [], []
-    for gi, b in enumerate(groups):
-        rs = rows[b]
-        for j in range(m):
-            gather.append(rs[j] if j < len(rs) else rs[0])
-            if j < len(rs):
-                src.append(gi * m + j)
-                dst.append(rs[j])
+    gather, src, dst = padded_groups(groups, rows, m)
     padded = len(src) < len(gather)
     return Step(bays, slot, None, groups, m, gidx, index(gather), index(src) if padded else None, index(dst))
 
