@@ -107,3 +107,21 @@ def slow_engine(server: Any) -> Iterator[None]:
         yield
     finally:
         h.remove()
+
+
+def peft_refs_and_bays(paths: dict[str, Path], *, seed: int = 3, n_bays: int = 3) -> tuple[Any, dict[str, Any], Any]:
+    """A tiny Llama (``seed``) holding every adapter of ``paths`` by name, PEFT's model for each adapter alone
+    (plus ``"base"``: the model without any), and the model's :class:`AdapterBays`."""
+    import peft
+
+    import lorakit
+    from lorakit.serve.slots import AdapterBays
+    from lorakit.serve.toy import tiny_llama
+
+    refs: dict[str, Any] = {"base": tiny_llama(seed=seed)}
+    for n, p in paths.items():
+        refs[n] = peft.PeftModel.from_pretrained(tiny_llama(seed=seed), p).eval()
+    model = tiny_llama(seed=seed)
+    for n, p in paths.items():
+        lorakit.load_adapter(model, p, name=n)
+    return model, refs, AdapterBays(model, n_bays=n_bays)

@@ -15,6 +15,8 @@ import torch
 
 import lorakit
 
+from .conftest import peft_refs_and_bays
+
 peft = pytest.importorskip("peft")
 
 SPECS = {"p": {"r": 4, "targets": ["q_proj", "v_proj"]}, "q": {"r": 8, "targets": "all-linear"},
@@ -23,19 +25,12 @@ SPECS = {"p": {"r": 4, "targets": ["q_proj", "v_proj"]}, "q": {"r": 8, "targets"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any], Any]:
-    from lorakit.serve.slots import AdapterBays
     from lorakit.serve.toy import random_adapter, tiny_llama
 
     root = tmp_path_factory.mktemp("bays")
     base = tiny_llama(seed=3)
     paths = {n: random_adapter(base, Path(root) / n, seed=10 + i, **spec) for i, (n, spec) in enumerate(SPECS.items())}
-    refs: dict[str, Any] = {"base": tiny_llama(seed=3)}
-    for n, p in paths.items():
-        refs[n] = peft.PeftModel.from_pretrained(tiny_llama(seed=3), p).eval()
-    model = tiny_llama(seed=3)
-    for n, p in paths.items():
-        lorakit.load_adapter(model, p, name=n)
-    return model, refs, AdapterBays(model, n_bays=3)
+    return peft_refs_and_bays(paths)
 
 
 def _check(setup: tuple[Any, dict[str, Any], Any], names: list[str], t_len: int) -> None:

@@ -12,12 +12,13 @@ import torch
 
 import lorakit
 
+from .conftest import peft_refs_and_bays
+
 peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any], Any, dict[str, Path]]:
-    from lorakit.serve.slots import AdapterBays
     from lorakit.serve.toy import random_adapter, tiny_llama
 
     root = tmp_path_factory.mktemp("bays-dora")
@@ -26,13 +27,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]
                                                                                          "embed_tokens"]),
              "e": random_adapter(base, root / "e", r=8, seed=22, use_dora=True),
              "q": random_adapter(base, root / "q", r=8, seed=23)}
-    refs: dict[str, Any] = {"base": tiny_llama(seed=3)}
-    for n, p in paths.items():
-        refs[n] = peft.PeftModel.from_pretrained(tiny_llama(seed=3), p).eval()
-    model = tiny_llama(seed=3)
-    for n, p in paths.items():
-        lorakit.load_adapter(model, p, name=n)
-    return model, refs, AdapterBays(model, n_bays=3), paths
+    return (*peft_refs_and_bays(paths), paths)
 
 
 @pytest.mark.parametrize("t_len", [1, 12])
