@@ -283,6 +283,8 @@ def test_non_streaming_disconnect_frees_row(server: Any, http: Any) -> None:
 
     Once the row runs, the engine is held inside its next decode forward until the server has seen
     the disconnect (the handle is cancelled), so the row cannot finish first however slow the machine.
+    The held step's token is made an end-of-sequence token: a cancelled row still counts as cancelled
+    (CI once sampled a real EOS there and counted the request as "stop").
     """
     import httpx
 
@@ -294,6 +296,7 @@ def test_non_streaming_disconnect_frees_row(server: Any, http: Any) -> None:
         if engine.rows and not gate.is_set():  # a decode step (the prefill runs before the row joins)
             gate.wait(30)
 
+    eos = engine.eos
     hook = engine.model.register_forward_pre_hook(hold)
     try:
         with pytest.raises(httpx.ReadTimeout):
@@ -302,12 +305,16 @@ def test_non_streaming_disconnect_frees_row(server: Any, http: Any) -> None:
         while not any(r.handle.cancelled for r in list(engine.rows)) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert [r.handle.cancelled for r in list(engine.rows)] == [True]  # seen while the row still runs
+        engine.eos = set(range(engine.model.config.vocab_size))
     finally:
         gate.set()
         hook.remove()
-    deadline = time.monotonic() + 10
-    while engine.busy() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    try:
+        deadline = time.monotonic() + 10
+        while engine.busy() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.eos = eos
     assert engine.stats()["running"] == engine.stats()["waiting"] == 0
     assert _metric(http, "lorakit_requests_total", '{outcome="cancelled"}') == cancelled + 1
 

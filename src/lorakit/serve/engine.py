@@ -326,8 +326,10 @@ class Engine:
                 self.metrics.inter_token(now - r.t_last)
             r.t_last, r.last = now, tok
             r.count += 1
-            reason = None
-            if tok in self.eos:
+            reason, delta = None, ""
+            if r.handle.cancelled:  # the client left during this step: nothing more to send, whatever the token
+                reason = "cancelled"
+            elif tok in self.eos:
                 reason, delta = "stop", r.stream.finish()
             else:
                 delta, stopped = r.stream.push(tok)
