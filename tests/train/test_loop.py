@@ -107,6 +107,15 @@ def test_errors_come_before_training(
     ckpt.atomic_save({"fingerprint": digest, "config": keep, **state}, run / ckpt.CHECKPOINT)
     with pytest.raises(ResumeError, match=r"--r: checkpoint 8 vs now 4"):
         Trainer(tiny_cfg(tiny_bert, sentiment_files, run, resume=True, r=4))
+    # A checkpoint whose fingerprint hashed --save-every / --log-every (before they were known not to
+    # change results) still resumes when only those differ.
+    old = {**tiny_cfg(tiny_bert, sentiment_files, run).to_dict(), "world_size": 1, "task": "sst2", "save_every": 7}
+    old = {k: v for k, v in sorted(old.items()) if k not in ckpt.NON_RESULT_KEYS | {"save_every"}} | {"save_every": 7}
+    import hashlib
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ckpt.check_resumable({"fingerprint": digest, "config": old}, {**old, "save_every": 3, "log_every": 2}, run)
+    with pytest.raises(ResumeError, match=r"--lr: checkpoint"):
+        ckpt.check_resumable({"fingerprint": digest, "config": old}, {**old, "save_every": 3, "lr": 1.0}, run)
     with pytest.raises(TrainConfigError, match="already holds a run"):
         Trainer(tiny_cfg(tiny_bert, sentiment_files, run))
 
@@ -182,10 +191,11 @@ def test_resume_after_kill_9_matches_uninterrupted(
     resumed_from = torch.load(run / ckpt.CHECKPOINT, weights_only=True)["step"]
     assert 4 <= resumed_from < 12
 
-    # Resuming with a different learning rate is refused; the same config continues.
+    # Resuming with a different learning rate is refused; the same config continues, at another
+    # checkpoint cadence too (--save-every does not change results).
     bad = run_cli(*args, "--output-dir", str(run), "--resume", "--lr", "1e-3")
     assert bad.returncode == 2 and "--lr: checkpoint 0.005 vs now 0.001" in bad.stderr
-    res = run_cli(*args, "--output-dir", str(run), "--resume")
+    res = run_cli(*args, "--output-dir", str(run), "--resume", "--save-every", "5")
     assert res.returncode == 0, res.stderr[-2000:]
 
     assert train_losses(run) == pytest.approx(train_losses(tmp_path / "ref"), rel=1e-6, abs=1e-7)

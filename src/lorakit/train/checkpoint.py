@@ -27,7 +27,7 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 # Options that may change between a run and its resumption without changing its results.
 NON_RESULT_KEYS = frozenset(
-    {"resume", "overwrite", "progress", "output_dir", "eval_batch_size", "gen_max_mrs"}
+    {"resume", "overwrite", "progress", "output_dir", "eval_batch_size", "gen_max_mrs", "save_every", "log_every"}
 )
 
 
@@ -61,9 +61,11 @@ def require_same_config(state: dict[str, Any], digest: str, keep: dict[str, Any]
     old = state.get("config", {})
     diffs = [
         f"--{k.replace('_', '-')}: checkpoint {old.get(k)!r} vs now {keep.get(k)!r}"
-        for k in sorted(set(old) | set(keep))
+        for k in sorted((set(old) | set(keep)) - NON_RESULT_KEYS)
         if old.get(k) != keep.get(k)
     ]
+    if old and not diffs:  # a checkpoint that hashed an option now known not to change results
+        return
     raise ResumeError(
         f"cannot --resume from {path}: it was written by a different config ("
         + ("; ".join(diffs) or "unknown difference")
