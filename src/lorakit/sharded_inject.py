@@ -14,7 +14,8 @@ The new LoRA factors are plain tensors outside FSDP (the *replicated* placement 
 :class:`lorakit.train.fsdp.Sharded`). :func:`broadcast_new` copies rank 0's initial values to every
 rank, so the adapter starts identical everywhere whatever each rank's RNG state was (before the model
 changes: a failed broadcast leaves it as it was). ``inject`` is then a collective: call it on every rank
-with the same config. :func:`reshard` is what ``lorakit.merge`` / ``unmerge`` run first on any model.
+with the same config. :func:`reshard` (:mod:`lorakit.fsdp_reshard`) is what ``lorakit.merge`` / ``unmerge``
+run first on any model.
 
 Not supported after sharding (typed refusal, model unchanged; inject before ``fully_shard`` instead):
 weight-reading inits (PiSSA / OLoRA / EVA / LoftQ) and variants (DoRA, LoRA bias), which need the full
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModuleError
+from .fsdp_reshard import fsdp_params as _fsdp_params
+from .fsdp_reshard import reshard as reshard  # re-exported: lorakit.merge and the registry run it first
 
 PLAIN_INITS = ("kaiming", "gaussian", "random")  # the ones that never read W0
 AFTER = "inject LoRA before fully_shard (lorakit.train.fsdp.shard does so), or into an unsharded copy"
@@ -50,21 +53,6 @@ def _dtensor_names(module: nn.Module) -> list[str]:
 def is_sharded(matches: Sequence[Any]) -> bool:
     """Whether any matched module holds FSDP2 (DTensor) parameters."""
     return any(_dtensor_names(m.module) for m in matches)
-
-
-def _fsdp_params(model: nn.Module) -> list[Any]:
-    from torch.distributed.fsdp import FSDPModule
-
-    out = []
-    for mod in model.modules():
-        if isinstance(mod, FSDPModule):
-            state = mod._get_fsdp_state()  # type: ignore[operator]
-            groups = getattr(state, "_fsdp_param_groups", None)  # newer torch: a list; older: one group or None
-            if groups is None:
-                groups = [g for g in (state._fsdp_param_group,) if g is not None]
-            for group in groups:
-                out.extend(group.fsdp_params)
-    return out
 
 
 def check(model: nn.Module, matches: Sequence[Any], n_param_targets: int, tokens: Any) -> None:
@@ -103,21 +91,6 @@ def check(model: nn.Module, matches: Sequence[Any], n_param_targets: int, tokens
             raise UnsupportedModuleError(
                 f"module {name!r}: its {fp._module_info.param_name!r} is {fp.sharded_state.name} (inside a "
                 "forward/backward, or a root unit left unsharded after one); call model.reshard() first")
-
-
-def reshard(model: nn.Module) -> None:
-    """Every FSDP2 unit of ``model`` back to its sharded parameters (local, no collective). A forward under
-    ``no_grad`` leaves the root unit unsharded; ``merge`` / ``unmerge`` written into that gathered copy
-    would be lost when FSDP2 frees it (the shards kept W0). No-op without FSDP2."""
-    import sys
-
-    if "torch.distributed.fsdp" not in sys.modules:  # nothing can have been sharded
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for mod in model.modules():
-        if isinstance(mod, FSDPModule):
-            mod.reshard()
 
 
 def rebind(model: nn.Module, built: Sequence[tuple[str, nn.Module]], bases: dict[str, nn.Module]) -> int:

@@ -55,3 +55,18 @@ def test_merge_after_a_no_grad_forward_writes_the_root_units_shards(tmp_path: Pa
         assert r["retry_layers"] and r["retry_forward"]
         # inject, unwrap, inject again after fully_shard (was refused: the base had become a shared module)
         assert r["reinject"] == "ok" and r["reinject_vs_ref"] < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_every_base_weight_write_reshards_a_gathered_root_unit_first(tmp_path: Path) -> None:
+    """The writes that bypass ``lorakit.merge`` (worker: fsdp_layer_merge_worker.py) on the root unit after a
+    no_grad forward, vs one unsharded process: a direct ``layer.merge()`` was lost at the next reshard
+    (measured without lorakit.fsdp_reshard: 3.19 off the merged model, 6e-8 from the bare base) and a
+    mixed-adapter batch's re-merge on exit raised torch's "mixed torch.Tensor and DTensor"."""
+    for r in run_worker("fsdp_layer_merge_worker.py", tmp_path, timeout=100):
+        assert set(r["state_before"]) == {"UNSHARDED"}  # the case under test
+        assert r["layer_merge"] < 1e-6 and r["layer_merge_vs_base"] > 1.0  # merged, and the merge moved it
+        assert r["layer_unmerge"] < 1e-6
+        assert r["load_into_merged"] < 1e-6 and r["load_vs_other"] < 1e-6  # load_adapter into a merged model
+        assert r["mixed_rows"] < 1e-6 and r["mixed_exit_remerged"] < 1e-6  # batch_adapters' exit re-merges

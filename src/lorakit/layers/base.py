@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..config import check_alpha, check_dropout
 from ..errors import LoraConfigError
+from ..fsdp_reshard import reshard_for
 
 
 def is_conv1d_like(module: nn.Module) -> bool:
@@ -157,6 +158,7 @@ class LoraLayer:
         """
         if self.merged or not self.has_lora:
             return
+        reshard_for(self, self._weight_param())  # FSDP2: write the shards, not a gathered copy (lorakit.fsdp_reshard)
         w = self._weight_param()
         variant = self.__dict__.get("lora_variant")  # lorakit.variants: DoRA, LoRA bias (None: plain LoRA)
         if variant is not None:
@@ -174,6 +176,7 @@ class LoraLayer:
         """Undo :meth:`merge`; restores the original bits when the original was kept."""
         if not self.merged:
             return
+        reshard_for(self, self._weight_param())
         w = self._weight_param()
         variant = self.__dict__.get("lora_variant")
         with torch.no_grad():

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as LF
+from ..fsdp_reshard import reshard_for
 from ..kernels import dispatch as FU
 from ..layers import Linear, LoraLayer, MergedLinear
 from ..layers.base import _adopt
@@ -117,6 +118,7 @@ class _QuantLoraMixin:
         original quantized tensors are kept for a bit-exact :meth:`unmerge`."""
         if self.merged or not self.has_lora:  # type: ignore[attr-defined]
             return
+        reshard_for(self, self.quant_base.weight)  # type: ignore[arg-type]  # FSDP2: a gathered root unit
         q, variant = self.quant_base, self._variant()
         if QSH.is_sharded(q):  # FSDP2 holds this rank's rows only: gathered, requantized, rows written back
             return QSH.merge(self, keep_original)
@@ -134,6 +136,7 @@ class _QuantLoraMixin:
         """Undo :meth:`merge`: the original bytes when they were kept, else requantize ``W - s B A``."""
         if not self.merged:
             return
+        reshard_for(self, self.quant_base.weight)  # type: ignore[arg-type]
         q, variant = self.quant_base, self._variant()
         if QSH.is_sharded(q):
             return QSH.unmerge(self)
