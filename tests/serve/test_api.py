@@ -7,7 +7,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -26,16 +28,55 @@ def _metric(http: Any, name: str, labels: str = "") -> float:
     return 0.0
 
 
-def test_batching_equals_each_request_alone(client: Any, http: Any, reference: Any) -> None:
-    """10 concurrent greedy requests over 4 adapters + base (2 resident at a time) equal PEFT's generate alone."""
+def _wait(cond: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll ``cond`` until true or ``seconds`` pass (a bound for a broken server, not a speed assumption)."""
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+@contextmanager
+def _decode_held_until(engine: Any, cond: Callable[[], bool]) -> Iterator[None]:
+    """Every model forward while rows run waits until ``cond()`` (at most 30 s): the running rows cannot
+    finish before the test's next move, however fast or slow the machine."""
+    def hold(*_: Any) -> None:
+        if engine.rows:
+            _wait(cond)
+
+    h = engine.model.register_forward_pre_hook(hold)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def test_batching_equals_each_request_alone(server: Any, client: Any, http: Any, reference: Any) -> None:
+    """10 concurrent greedy requests over 4 adapters + base (2 resident at a time) equal PEFT's generate alone.
+
+    The engine is held until all 10 are queued (in PROMPTS order), so they run together whatever the
+    machine's speed: the batches (and so the float rounding of every row) are the same on every run.
+    """
+    engine = server.state.engine
     rows0, count0 = _metric(http, "lorakit_batch_occupancy_sum"), _metric(http, "lorakit_batch_occupancy_count")
+    evict0 = _metric(http, "lorakit_adapter_events_total", '{event="evict"}')
 
     def one(p: tuple[str, str, int]) -> tuple[str, str | None]:
         r = client.completions.create(model=p[1], prompt=p[0], max_tokens=p[2], temperature=0)
         return r.choices[0].text, r.choices[0].finish_reason
 
-    with ThreadPoolExecutor(len(PROMPTS)) as ex:
-        got = list(ex.map(one, PROMPTS))
+    gate = threading.Event()
+    engine.call(gate.wait)
+    try:
+        with ThreadPoolExecutor(len(PROMPTS)) as ex:
+            futs = []
+            for i, p in enumerate(PROMPTS):
+                futs.append(ex.submit(one, p))
+                assert _wait(lambda i=i: engine.stats()["waiting"] == i + 1), engine.stats()
+            gate.set()
+            got = [f.result() for f in futs]
+    finally:
+        gate.set()
     for (prompt, model, n), (text, reason) in zip(PROMPTS, got, strict=True):
         want = reference.text(prompt, None if model == "toy" else model, n)
         assert text == want, (prompt, model)
@@ -44,7 +85,7 @@ def test_batching_equals_each_request_alone(client: Any, http: Any, reference: A
     rows = _metric(http, "lorakit_batch_occupancy_sum") - rows0
     count = _metric(http, "lorakit_batch_occupancy_count") - count0
     assert rows / count > 1.5
-    assert _metric(http, "lorakit_adapter_events_total", '{event="evict"}') >= 1
+    assert _metric(http, "lorakit_adapter_events_total", '{event="evict"}') - evict0 >= 1
     assert len({t for t, _ in got}) == len(got)  # adapters change the text
 
 
@@ -133,7 +174,7 @@ def test_bad_chat_and_client_errors(client: Any, http: Any) -> None:
                                        max_completion_tokens=1000)
     assert http.get("/v1/nowhere").json()["error"]["code"] == "not_found"
     # still serving
-    assert client.completions.create(model="a", prompt="ok", max_tokens=3).usage.completion_tokens == 3
+    assert client.completions.create(model="a", prompt="ok", max_tokens=3, temperature=0).usage.completion_tokens == 3
 
 
 def test_auth(server: Any) -> None:
@@ -151,7 +192,7 @@ def test_auth(server: Any) -> None:
     assert server.url.startswith("http://127.0.0.1:")
 
 
-def test_models_load_unload_and_paths(client: Any, http: Any, toy: Any, tmp_path: Any, slow_engine: None) -> None:
+def test_models_load_unload_and_paths(server: Any, client: Any, http: Any, toy: Any, tmp_path: Any) -> None:
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "toy" and set("abcd") <= set(ids)
     adir = toy / "adapters"
@@ -179,11 +220,19 @@ def test_models_load_unload_and_paths(client: Any, http: Any, toy: Any, tmp_path
     assert "my/adapter v2" in [m.id for m in client.models.list().data]
     got = client.completions.create(model="my/adapter v2", prompt="same weights", max_tokens=10, temperature=0)
     assert got.choices[0].text == want
-    stream = client.completions.create(model="my/adapter v2", prompt="long", max_tokens=64, stream=True)
-    next(iter(stream))
-    r = http.post("/v1/unload_lora_adapter", json={"lora_name": "my/adapter v2"})
+    # the stream's decode steps wait until the unload is queued: it runs while the row has tokens to go
+    tried = threading.Event()
+    engine = server.state.engine
+    with _decode_held_until(engine, lambda: bool(engine.commands) or tried.is_set()):
+        stream = client.completions.create(model="my/adapter v2", prompt="long", max_tokens=64, temperature=0,
+                                           stream=True)
+        it = iter(stream)
+        next(it)
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "my/adapter v2"})
+        tried.set()
     assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_in_use"
-    assert sum(1 for _ in stream) > 0  # the running request is unaffected
+    rest = list(it)
+    assert rest[-1].choices[0].finish_reason == "length"  # the running request is unaffected
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "my/adapter v2"}).status_code == 200
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "my/adapter v2"}).status_code == 404
     assert http.post("/v1/completions", json={"model": "my/adapter v2", "prompt": "x"}).status_code == 404
@@ -216,16 +265,16 @@ def test_broken_adapter_files_are_refused(http: Any, toy: Any) -> None:
     assert http.post("/v1/completions", json={"model": "b", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_disconnect_frees_row_and_queue_limit(server: Any, http: Any, slow_engine: None) -> None:
+def test_disconnect_frees_row_and_queue_limit(server: Any, http: Any) -> None:
+    """A streaming client that leaves frees its row (the row's decode waits until the server has seen the
+    disconnect, so it cannot finish first); then the queue limit answers 429."""
     engine = server.state.engine
     cancelled = _metric(http, "lorakit_requests_total", '{outcome="cancelled"}')
-    with http.stream("POST", "/v1/completions", json={"model": "c", "prompt": "bye", "max_tokens": 64,
-                                                      "stream": True}) as r:
-        next(r.iter_lines())
-    deadline = time.monotonic() + 5
-    while engine.stats()["running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert engine.stats()["running"] == 0
+    with _decode_held_until(engine, lambda: any(r.handle.cancelled for r in list(engine.rows))):
+        with http.stream("POST", "/v1/completions", json={"model": "c", "prompt": "bye", "max_tokens": 64,
+                                                          "temperature": 0, "stream": True}) as r:
+            next(r.iter_lines())
+        assert _wait(lambda: engine.stats()["running"] == 0)
     assert _metric(http, "lorakit_requests_total", '{outcome="cancelled"}') == cancelled + 1
     old = engine.max_batch, engine.max_queue
     engine.max_batch, engine.max_queue = 1, 1
@@ -235,9 +284,7 @@ def test_disconnect_frees_row_and_queue_limit(server: Any, http: Any, slow_engin
         with ThreadPoolExecutor(2) as ex:
             futs = [ex.submit(http.post, "/v1/completions", json={"model": "a", "prompt": "q", "max_tokens": 2})
                     for _ in range(2)]
-            deadline = time.monotonic() + 5
-            while engine.stats()["waiting"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            assert _wait(lambda: engine.stats()["waiting"] == 2), engine.stats()
             r = http.post("/v1/completions", json={"model": "a", "prompt": "q", "max_tokens": 2})
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["type"] == "rate_limit_error"
@@ -284,7 +331,8 @@ def test_non_streaming_disconnect_frees_row(server: Any, http: Any) -> None:
     Once the row runs, the engine is held inside its next decode forward until the server has seen
     the disconnect (the handle is cancelled), so the row cannot finish first however slow the machine.
     The held step's token is made an end-of-sequence token: a cancelled row still counts as cancelled
-    (CI once sampled a real EOS there and counted the request as "stop").
+    (CI once sampled a real EOS there and counted the request as "stop"). The request is greedy: its
+    first token (the prefill's, before any hold) is not a sampled EOS that would end it at once.
     """
     import httpx
 
@@ -300,7 +348,8 @@ def test_non_streaming_disconnect_frees_row(server: Any, http: Any) -> None:
     hook = engine.model.register_forward_pre_hook(hold)
     try:
         with pytest.raises(httpx.ReadTimeout):
-            http.post("/v1/completions", json={"model": "c", "prompt": "bye", "max_tokens": 64}, timeout=0.5)
+            http.post("/v1/completions", json={"model": "c", "prompt": "bye", "max_tokens": 64, "temperature": 0},
+                      timeout=0.5)
         deadline = time.monotonic() + 10
         while not any(r.handle.cancelled for r in list(engine.rows)) and time.monotonic() < deadline:
             time.sleep(0.02)
