@@ -51,7 +51,8 @@ def _wait_up(proc: subprocess.Popen[bytes], url: str) -> None:
 def test_sigterm_finishes_running_stream_then_exits_0(toy: Path, tmp_path: Path) -> None:
     """A stream running at SIGTERM ends with a final event and [DONE]; new requests are refused; exit 0.
 
-    Drain 0 s: the running request is cancelled with an error event naming the shutdown.
+    Drain 0 s: the running request is cancelled with an error event naming the shutdown. Greedy: a
+    sampled end-of-sequence would end it as "stop" before the signal.
     """
     import httpx
 
@@ -61,7 +62,8 @@ def test_sigterm_finishes_running_stream_then_exits_0(toy: Path, tmp_path: Path)
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "model"
         events: list[str] = []
         with httpx.stream("POST", url + "/v1/completions", timeout=30,
-                          json={"model": "a", "prompt": "go", "max_tokens": 200, "stream": True}) as r:
+                          json={"model": "a", "prompt": "go", "max_tokens": 200, "temperature": 0,
+                                "stream": True}) as r:
             lines = (ln for ln in r.iter_lines() if ln.startswith("data: "))
             events.append(next(lines))
             proc.send_signal(signal.SIGTERM)
