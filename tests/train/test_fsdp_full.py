@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import run_cli, tiny_train_args, train_losses
-from .test_fsdp import ENV, LOSS_REL, kill_a_rank_at_first_checkpoint, torchrun
+from .test_fsdp import ENV, LOSS_REL, kill_a_rank_at_first_checkpoint, run_worker, torchrun
 
 SHORT = {"max_train_examples": 48, "max_eval_examples": 8, "max_steps": 6, "save_every": 2, "method": "full"}
 WEIGHT_ATOL = 1e-5  # measured 3.2e-7, 4.9e-7 resumed (AdamW on gradients averaged from two half-batch sums)
@@ -92,3 +92,21 @@ def test_full_fine_tuning_resumes_on_one_rank_after_a_kill(tmp_path: Path, full_
                                    resume=True), launcher=torchrun(1), env=ENV_FULL, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_model(full_reference, out, tiny_bert)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_save_failing_on_rank_0_stops_every_rank_at_once(tmp_path: Path) -> None:
+    """A failure on rank 0 inside the sharded save (worker: fsdp_full_save_worker.py; an output file's write,
+    the tokenizer, a wrong output path) raises FullSaveError on both ranks at that step, naming rank 0's
+    cause; the previous output is untouched and the next save works. Before: rank 0 raised alone and rank 1
+    stayed in the next all-gather (the collectives fell out of step: the worker crashed). The bound is the
+    subprocess timeout (150 s, above LORAKIT_DIST_TIMEOUT=90): waiting for the dist timeout cannot pass."""
+    for r in run_worker("fsdp_full_save_worker.py", tmp_path, timeout=150, LORAKIT_DIST_TIMEOUT="90"):
+        assert sum(f.endswith(".safetensors") for f in r["files"]) > 1  # several output files: a mid-save failure
+        assert r["file_write"].startswith("FullSaveError") and "model-00002-of-" in r["file_write"]
+        assert "No space left on device (injected)" in r["file_write"]
+        assert r["tokenizer"].startswith("FullSaveError") and "Permission denied (injected)" in r["tokenizer"]
+        assert r["output_path"].startswith("FullSaveError") and "temporary directory" in r["output_path"]
+        assert r["file_write_left_output"] and r["tokenizer_left_output"] and r["leftovers"] == []
+        assert r["saved_again_same"]

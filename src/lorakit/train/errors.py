@@ -40,3 +40,8 @@ class FSDPBlockError(TrainConfigError):
 class CollectiveTimeoutError(LoraError, RuntimeError):
     """A collective (all-reduce, all-gather, barrier...) did not complete within ``LORAKIT_DIST_TIMEOUT``:
     another rank died or is stuck. The message names the variable, its value and this rank."""
+
+
+class FullSaveError(LoraError, RuntimeError):
+    """``--method full --fsdp``: writing the gathered model failed on rank 0 (disk full, permissions...). Every
+    rank raises it at the same step of the save (they agree after each one); the previous output is intact."""

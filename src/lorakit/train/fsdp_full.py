@@ -10,7 +10,9 @@ default 2GB; plus
 ``model.safetensors.index.json``, ``config.json``, the tokenizer and the run's meta), atomically. No rank
 holds more than one output shard and one gathered tensor, and ``transformers.from_pretrained`` loads the
 directory. A tensor tied under several names (an LM head tied to its embedding) is written once, under
-its first name, as ``save_pretrained`` does.
+its first name, as ``save_pretrained`` does. The ranks agree after each step of the save (an all-reduce
+of rank 0's outcome): a failure there (disk full, a wrong output path) raises ``FullSaveError`` on every
+rank at once rather than leaving the others in the next all-gather until ``LORAKIT_DIST_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -83,46 +85,102 @@ def model_class_name(cls: type) -> str:
     return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule)).__name__
 
 
+def _agree(ctx: Any, failure: BaseException | None, what: str, dest: Path) -> None:
+    """Every rank learns whether rank 0's step ``what`` of the save succeeded (one all-reduce, then rank 0's
+    message); on a failure all raise :class:`FullSaveError` at once instead of the others waiting in the next
+    all-gather until ``LORAKIT_DIST_TIMEOUT``."""
+    from lorakit.train import distributed as dd
+    from lorakit.train.errors import FullSaveError
+
+    failed = failure is not None
+    if ctx.enabled:
+        failed = float(dd.all_sum(ctx, torch.tensor(float(failed), device=ctx.device))) > 0
+    if not failed:
+        return
+    cause = dd.broadcast_object(ctx, f"{type(failure).__name__}: {failure}" if failure is not None else None)
+    raise FullSaveError(f"rank {ctx.rank}: saving the sharded model to {dest} failed on rank 0 at {what} "
+                        f"({cause}); every rank stopped there and {dest} was left as it was") from failure
+
+
 def save_model(model: nn.Module, tokenizer: Any, dest: Path, meta_text: str, ctx: Any,
                max_shard_size: int | None = None) -> Path:
-    """Write the sharded model's full weights to ``dest`` (rank 0) from every rank's shards (collective)."""
+    """Write the sharded model's full weights to ``dest`` (rank 0) from every rank's shards (collective).
+
+    All ranks agree after each step (the temporary directory, each output file, the config and tokenizer,
+    the rename): a failure on rank 0 raises :class:`~lorakit.train.errors.FullSaveError` on every rank at
+    that step, and the atomic write leaves any previous ``dest`` as it was."""
     from safetensors.torch import save_file
 
     from lorakit.atomic import atomic_dir
+    from lorakit.train.errors import FullSaveError
     from lorakit.train.methods import META
 
     state = _unique_state(model)
     files = _plan(state, max_shard_size or shard_size())
     stream = _gathered(state)
 
-    def fill(d: Path) -> None:
+    def write(d: Path | None) -> None:  # d: rank 0's temporary directory; None on the other ranks
         weight_map: dict[str, str] = {}
         total = 0
         for k, names in enumerate(files, 1):
             fname = f"model-{k:05d}-of-{len(files):05d}.safetensors" if len(files) > 1 else "model.safetensors"
             shard: dict[str, torch.Tensor] = {}
             for want in names:
-                name, t = next(stream)
+                name, t = next(stream)  # an all-gather on every rank
                 assert name == want  # the same order as the plan
-                shard[name] = t
-                total += t.numel() * t.element_size()
-                weight_map[name] = fname
-            save_file(shard, str(d / fname), metadata={"format": "pt"})
+                if d is not None:
+                    shard[name] = t
+                    total += t.numel() * t.element_size()
+                    weight_map[name] = fname
+            failure = None
+            if d is not None:
+                try:
+                    save_file(shard, str(d / fname), metadata={"format": "pt"})
+                except Exception as exc:  # noqa: BLE001 - every rank is told, then raises FullSaveError
+                    failure = exc
             del shard
-        if len(files) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        model.config.architectures = [model_class_name(type(model))]  # as save_pretrained sets it
-        model.config.save_pretrained(d)  # type: ignore[operator]
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and getattr(model, "can_generate", lambda: False)():
-            gen.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-        (d / META).write_text(meta_text)
+            _agree(ctx, failure, fname, dest)
+        failure = None
+        if d is not None:
+            try:
+                _write_meta(model, tokenizer, d, meta_text, META, weight_map, total, len(files))
+            except Exception as exc:  # noqa: BLE001
+                failure = exc
+        _agree(ctx, failure, "config.json / the tokenizer / the index", dest)
 
-    if ctx.is_main:
+    if not ctx.is_main:
+        _agree(ctx, None, "the temporary directory", dest)
+        write(None)  # the same all-gathers, nothing kept
+        _agree(ctx, None, "the rename", dest)
+        return dest
+    started = False
+
+    def fill(d: Path) -> None:
+        nonlocal started
+        started = True
+        _agree(ctx, None, "the temporary directory", dest)
+        write(d)
+
+    try:
         atomic_dir(dest, fill)
-    else:
-        for _ in stream:  # the same all-gathers, nothing kept
-            pass
+    except FullSaveError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - before fill (a wrong output path) or after it (fsync, rename)
+        _agree(ctx, exc, "the rename" if started else "the temporary directory", dest)
+    _agree(ctx, None, "the rename", dest)
     return dest
+
+
+def _write_meta(model: nn.Module, tokenizer: Any, d: Path, meta_text: str, meta_name: str,
+                weight_map: dict[str, str], total: int, n_files: int) -> None:
+    """The index (several files), config.json, generation config, tokenizer and the run's meta."""
+    if n_files > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    model.config.architectures = [model_class_name(type(model))]  # as save_pretrained sets it
+    model.config.save_pretrained(d)  # type: ignore[operator]
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    (d / meta_name).write_text(meta_text)
