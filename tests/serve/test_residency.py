@@ -44,74 +44,98 @@ def _metric(srv: Any, name: str, **labels: str) -> float:
     return srv.state.metrics.value(name, labels) or 0.0
 
 
-def _slow(srv: Any, seconds: float = 0.02) -> Any:
-    """Every model forward takes >= ``seconds`` (a request stays in flight long enough to overlap)."""
-    return srv.state.engine.model.register_forward_pre_hook(lambda *a: time.sleep(seconds))
-
-
-def _stream_times(http: Any, body: dict[str, Any], times: list[float], out: dict[str, Any]) -> None:
-    """Stream ``body``; the arrival time of every chunk with text, the whole text into ``out``."""
-    text = []
+def _stream(http: Any, body: dict[str, Any], chunks: list[str]) -> None:
+    """Stream ``body``; every chunk with text appended to ``chunks`` as it arrives."""
     with http, http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 chunk = "".join(c.get("text") or "" for c in json.loads(line[6:]).get("choices", []))
                 if chunk:
-                    times.append(time.perf_counter())
-                    text.append(chunk)
-    out["text"] = "".join(text)
+                    chunks.append(chunk)
+
+
+def _wait(cond: Any, seconds: float = 30.0) -> bool:
+    """Poll ``cond`` until true or ``seconds`` pass (a bound for a broken server, not a speed assumption)."""
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return bool(cond())
 
 
 def test_load_while_serving_stalls_others_no_longer_than_the_load(fresh: Any, reference: Any,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 0.6 s adapter load (API load, then an on-demand one) pauses two streaming requests once, by at
-    most the load's own time (+ one step's slack); the streams' texts are unchanged."""
+    """A 0.6 s adapter load (API load, then an on-demand one) pauses two streaming requests once: it runs
+    on the engine thread between two decode steps (no forward during it), both streams run before it and
+    go on at the very next forward after it, each load is paid once; the streams' texts are unchanged.
+
+    Checked on the engine's own record of forwards and loads, not on wall-clock gaps (those measure the
+    machine's load: the timing belongs to benchmarks). The streams' decode waits at two points for the
+    test's next request, so both loads fall inside the streams however fast or slow the machine.
+    """
+    engine = fresh.state.engine
+    log: list[tuple[str, int]] = []  # engine thread: ("fwd" | "load+" | "load-", rows running)
     load = lorakit.load_adapter
 
     def slow_load(*a: Any, **kw: Any) -> Any:
+        log.append(("load+", len(engine.rows)))
         time.sleep(0.6)
-        return load(*a, **kw)
+        try:
+            return load(*a, **kw)
+        finally:
+            log.append(("load-", len(engine.rows)))
+
+    # (min tokens of the 2 running streams, what the next step waits for): the API load, then c's request
+    stages: list[list[Any]] = [[5, lambda: bool(engine.commands)], [None, lambda: bool(engine.waiting)]]
+    holding = threading.Event()
+
+    def hold(*_: Any) -> None:
+        log.append(("fwd", len(engine.rows)))
+        counts = [r.count for r in engine.rows]
+        if stages and len(counts) == 2 and stages[0][0] is not None and min(counts) >= stages[0][0]:
+            holding.set()
+            assert _wait(stages[0][1])
+            holding.clear()
+            stages.pop(0)
+            if stages:
+                stages[0][0] = min(counts) + 1 + 3  # 3 more tokens each after the load's step
 
     monkeypatch.setattr(lorakit, "load_adapter", slow_load)
-    hook = _slow(fresh)
-    try:
-        with _http(fresh) as http:
-            assert http.post("/v1/completions", json={"model": "a", "prompt": "w", "max_tokens": 1}).status_code == 200
+    with _http(fresh) as http:
+        assert http.post("/v1/completions", json={"model": "a", "prompt": "w", "max_tokens": 1}).status_code == 200
+        del log[:]
+        hook = engine.model.register_forward_pre_hook(hold)
+        try:
             bodies = [{"model": "a", "prompt": "keep streaming", "max_tokens": 60, "temperature": 0},
                       {"model": "toy", "prompt": "The quick brown fox", "max_tokens": 60, "temperature": 0}]
-            times: list[list[float]] = [[], []]
-            outs: list[dict[str, Any]] = [{}, {}]
-            threads = [threading.Thread(target=_stream_times, args=(_http(fresh), b, t, o))
-                       for b, t, o in zip(bodies, times, outs, strict=True)]
+            chunks: list[list[str]] = [[], []]
+            threads = [threading.Thread(target=_stream, args=(_http(fresh), b, c))
+                       for b, c in zip(bodies, chunks, strict=True)]
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 10
-            while min(len(t) for t in times) < 5 and time.monotonic() < deadline:
-                time.sleep(0.005)
             load_s0 = _metric(fresh, "lorakit_adapter_load_seconds_sum")
+            assert _wait(holding.is_set)  # both streams have 5 tokens and wait
             r = http.post("/v1/load_lora_adapter", json={"lora_name": "b2", "lora_path": "b"})
             assert r.status_code == 200, r.text
-            seen, deadline = [len(t) for t in times], time.monotonic() + 10
-            while min(len(t) - n for t, n in zip(times, seen, strict=True)) < 3 and time.monotonic() < deadline:
-                time.sleep(0.005)  # both streams go on before the next load
+            assert _wait(lambda: len(stages) == 1 and holding.is_set())  # 3 tokens more each, waiting again
             # and one loaded on demand by a request (c, from the adapter directory)
             c = http.post("/v1/completions", json={"model": "c", "prompt": "q", "max_tokens": 2, "temperature": 0})
             assert c.status_code == 200
             for t in threads:
                 t.join(timeout=60)
             loads = _metric(fresh, "lorakit_adapter_load_seconds_sum") - load_s0
-    finally:
-        hook.remove()
+        finally:
+            hook.remove()
     assert loads >= 1.2  # both loads really took their 0.6 s
-    for ts, body, out in zip(times, bodies, outs, strict=True):
-        gaps = sorted(b - a for a, b in zip(ts, ts[1:], strict=False))
-        assert len(ts) >= 50
-        assert gaps[-1] >= 0.55, gaps[-3:]  # the loads happened while this request was streaming
-        assert gaps[-1] <= 0.6 + 0.35, gaps[-3:]  # ...and stalled it by one load, not more
-        assert sum(g >= 0.55 for g in gaps) <= 2  # two loads, each paid once
-        assert sum(gaps[:-2]) / (len(gaps) - 2) < 0.2  # the rest streamed at decoding speed
+    starts = [i for i, (what, _) in enumerate(log) if what == "load+"]
+    assert len(starts) == 2, log  # two loads, each paid once
+    for i in starts:
+        assert log[i][1] == 2 and log[i - 1] == ("fwd", 2), log[i - 3:i + 3]  # while both streams ran
+        assert log[i + 1] == ("load-", 2), log[i - 3:i + 3]  # no forward during the load: the batch waits
+        assert log[i + 2] == ("fwd", 2), log[i - 3:i + 3]  # the streams go on at the next step, nothing else
+    assert not stages
+    for got, body in zip(chunks, bodies, strict=True):
         want = reference.text(body["prompt"], None if body["model"] == "toy" else body["model"], 60)
-        assert out["text"] == want
+        assert "".join(got) == want and len(got) >= 50
 
 
 def test_lru_eviction_and_reload_on_demand_counted_in_metrics(fresh: Any, reference: Any) -> None:
@@ -144,13 +168,17 @@ def test_fewer_bays_than_adapters_requests_wait_not_fail(fresh: Any, reference: 
         lambda f: done.set())
     assert done.wait(10)
     jobs = [("one " * (i % 3 + 1), ["a", "b", "toy"][i % 3], 10 + i) for i in range(8)]
-    hook = _slow(fresh, 0.01)
+    gate = threading.Event()
+    engine.call(gate.wait)  # all 8 are queued before any runs: they compete for the bay on every machine
     try:
         with _http(fresh) as http, ThreadPoolExecutor(len(jobs)) as ex:
-            res = list(ex.map(lambda j: http.post("/v1/completions", json={
-                "model": j[1], "prompt": j[0], "max_tokens": j[2], "temperature": 0}), jobs))
+            futs = [ex.submit(lambda j=j: http.post("/v1/completions", json={
+                "model": j[1], "prompt": j[0], "max_tokens": j[2], "temperature": 0})) for j in jobs]
+            assert _wait(lambda: engine.stats()["waiting"] == len(jobs)), engine.stats()
+            gate.set()
+            res = [f.result() for f in futs]
     finally:
-        hook.remove()
+        gate.set()
     for (prompt, model, n), r in zip(jobs, res, strict=True):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == reference.text(prompt, None if model == "toy" else model, n)
