@@ -110,3 +110,51 @@ def test_a_save_failing_on_rank_0_stops_every_rank_at_once(tmp_path: Path) -> No
         assert r["output_path"].startswith("FullSaveError") and "temporary directory" in r["output_path"]
         assert r["file_write_left_output"] and r["tokenizer_left_output"] and r["leftovers"] == []
         assert r["saved_again_same"]
+
+
+def _weights(d: Path) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(str(d)).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_best_model_is_written_under_fsdp_as_by_one_process(tmp_path: Path, tiny_bert: Path,
+                                                           sentiment_files: tuple[Path, Path]) -> None:
+    """``--method full --fsdp --eval-every 2``: an eval that improves writes ``best/model`` gathered tensor by
+    tensor (fsdp_full.save_best), as the 1-process run writes ``best/`` from best.pt: the same best step and
+    metrics, the same weights (WEIGHT_ATOL), and they are not the final model's (an earlier step)."""
+    import torch
+
+    kw = {**SHORT, "eval_every": 2}
+    ref, out = tmp_path / "single", tmp_path / "fsdp"
+    res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **kw, batch_size=8, output_dir=ref), env=ENV)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **kw, batch_size=4, fsdp=True, output_dir=out),
+                  launcher=torchrun(2), env=ENV_FULL, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rr, ro = (json.loads((d / "results.json").read_text()) for d in (ref, out))
+    assert rr["best"]["step"] < SHORT["max_steps"] and rr["saved_best"]  # the case under test: an earlier best
+    assert ro["best"] == pytest.approx(rr["best"], rel=LOSS_REL)
+    assert ro["saved_best"] == str(out / "best" / "model") and not (out / "best.pt").exists()
+    index = json.loads((out / "best/model/model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded safetensors, as model/
+    sa, sb, final = _weights(ref / "best/model"), _weights(out / "best/model"), _weights(out / "model")
+    assert sorted(sa) == sorted(sb)
+    worst = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+    assert worst <= WEIGHT_ATOL, worst
+    assert any(not torch.equal(sb[k], final[k]) for k in sb)  # the best step's weights, not the final ones
+
+
+def test_best_dir_kept_only_for_an_earlier_step(tmp_path: Path) -> None:
+    """After the final save: ``best/model`` is the result only when the best eval is an earlier step (as the
+    unsharded run's best/); a best at the final step (or none) removes a best/ left by an earlier eval."""
+    from lorakit.train.fsdp_full import kept_best
+
+    (tmp_path / "best/model").mkdir(parents=True)
+    assert kept_best(tmp_path, {"step": 2}, 6) == tmp_path / "best/model"
+    assert (tmp_path / "best/model").is_dir()
+    assert kept_best(tmp_path, {"step": 6}, 6) is None and not (tmp_path / "best").exists()
+    (tmp_path / "best/model").mkdir(parents=True)
+    assert kept_best(tmp_path, {"step": None}, 6) is None and not (tmp_path / "best").exists()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import fsdp, sharded_ckpt
+from lorakit.train import fsdp, fsdp_full, sharded_ckpt
 from lorakit.train.data import PAPER_METRIC
 from lorakit.train.evaluate import decoding, generate, score_e2e
 from lorakit.train.memory import PhasePeaks, peak_rss_mb
@@ -29,6 +29,20 @@ def peak_memory_mb(device: torch.device, peaks: PhasePeaks | None = None) -> dic
     return out
 
 
+def run_meta(t: Trainer) -> dict[str, Any]:
+    """What a saved result records of its run (``lorakit_train.json``)."""
+    c = t.cfg
+    return {
+        "task": t.spec.name,
+        "model": c.model,
+        "method": c.method,
+        "num_labels": t.spec.num_labels,
+        "kind": t.spec.kind,
+        "seed": c.seed,
+        "max_len": c.max_len,
+    }
+
+
 def finish_run(
     t: Trainer,
     final: dict[str, float],
@@ -41,19 +55,9 @@ def finish_run(
     """Save and score the trained model (rank 0); returns the results (empty on other ranks)."""
     c, ctx = t.cfg, t.ctx
     results: dict[str, Any] = {}
-    meta = {
-        "task": t.spec.name,
-        "model": c.model,
-        "method": c.method,
-        "num_labels": t.spec.num_labels,
-        "kind": t.spec.kind,
-        "seed": c.seed,
-        "max_len": c.max_len,
-    }
+    meta = run_meta(t)
     decoded, saved = None, None
     if c.fsdp and c.method == "full":  # tensor by tensor into HF sharded safetensors (lorakit.train.fsdp_full)
-        from lorakit.train import fsdp_full
-
         meta_text = json.dumps(meta, indent=2, default=str)
         saved = fsdp_full.save_model(t.model, t.tokenizer, t.run_dir / "model", meta_text, ctx)
         if not ctx.is_main:
@@ -76,7 +80,9 @@ def finish_run(
         final = {**final, **gen}
         t.log.append({"split": "generate", "step": step, **gen})
     best_path = None
-    if best.get("step") not in (None, step) and (t.run_dir / ckpt.BEST).is_file():
+    if c.fsdp and c.method == "full":  # best/model was written at the improving eval (fsdp_full.save_best)
+        best_path = fsdp_full.kept_best(t.run_dir, best, step)
+    elif best.get("step") not in (None, step) and (t.run_dir / ckpt.BEST).is_file():
         state = ckpt.load(t.run_dir / ckpt.BEST)
         current = ckpt.trainable_state(t.model)
         ckpt.load_trainable_state(t.model, state["trainable"])

@@ -184,3 +184,25 @@ def _write_meta(model: nn.Module, tokenizer: Any, d: Path, meta_text: str, meta_
         gen.save_pretrained(d)
     tokenizer.save_pretrained(d)
     (d / meta_name).write_text(meta_text)
+
+
+def save_best(t: Any, step: int) -> Path:
+    """``best/model`` of a ``--method full --fsdp`` run (a collective): the model at an improving eval, written
+    as :func:`save_model` writes ``model/`` (no rank holds more than one output file; no ``best.pt``, which
+    would hold the whole model on rank 0). Atomic: a crash keeps the previous best, which ``--resume`` keeps."""
+    from lorakit.train.finish import run_meta
+
+    meta = json.dumps(run_meta(t), indent=2, default=str)
+    return save_model(t.model, t.tokenizer, t.run_dir / "best" / "model", meta, t.ctx)
+
+
+def kept_best(run_dir: Path, best: dict[str, Any], step: int) -> Path | None:
+    """After the final save (rank 0): ``best/model`` when the best eval is an earlier step than the final one
+    (as the unsharded run's ``best/``); else ``best/`` is removed (the final model is the best) and None."""
+    import shutil
+
+    d = run_dir / "best"
+    if best.get("step") not in (None, step) and (d / "model").is_dir():
+        return d / "model"
+    shutil.rmtree(d, ignore_errors=True)
+    return None

@@ -20,7 +20,7 @@ import torch
 from lorakit.atomic import output_problem
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
-from lorakit.train import fsdp, meta_load, sharded_ckpt
+from lorakit.train import fsdp, fsdp_full, meta_load, sharded_ckpt
 from lorakit.train.batching import Schedule, collate, encode_classification, encode_lm
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import TaskSpec, eval_digest, get_task, load_task_data, subsample
@@ -273,15 +273,16 @@ class Trainer:
         if bar is not None:
             bar.close()
         train_time = time.perf_counter() - t0
-        final = self._eval_and_keep_best(step, best, bf16)
+        final = self._eval_and_keep_best(step, best, bf16, last=True)
         results = finish_run(self, final, best, train_time, step, step - start_step, bf16)
         dd.barrier(ctx)
         dd.teardown(ctx)
         return results
 
     # ----------------------------------------------------------------------------------- pieces
-    def _eval_and_keep_best(self, step: int, best: dict[str, Any], bf16: bool) -> dict[str, float]:
-        """Rank 0 evaluates; an improvement is written to ``best.pt``. Returns the metrics."""
+    def _eval_and_keep_best(self, step: int, best: dict[str, Any], bf16: bool, last: bool = False) -> dict[str, float]:
+        """Rank 0 evaluates; an improvement is written to ``best.pt`` (``--fsdp --method full``: ``best/model``
+        directly, unless ``last``: the final model is saved anyway). Returns the metrics."""
         metric = "loss" if self.spec.kind == "generation" else self.spec.metric
         res: dict[str, float] = {}
         if self.ctx.is_main or self.cfg.fsdp:  # under FSDP every rank takes part in each forward
@@ -296,10 +297,14 @@ class Trainer:
                     bf16=bf16,
                 )
             self.log.append({"split": "eval", "step": step, **res})
-            if better(metric, res[metric], best["value"]):
+            improved = better(metric, res[metric], best["value"])
+            if self.cfg.fsdp:  # every rank evaluated; rank 0 decides, the saves below are collectives
+                improved = dd.broadcast_object(self.ctx, improved)
+            if improved:
                 best.update(value=res[metric], step=step, metrics=res)
                 if self.cfg.fsdp and self.cfg.method == "full":
-                    pass  # no best.pt: it would gather the whole model on every rank (docs/training.md)
+                    if not last:  # gathered tensor by tensor as model/ is; no best.pt (lorakit.train.fsdp_full)
+                        fsdp_full.save_best(self, step)
                 elif self.cfg.fsdp:
                     fsdp.save_best(self.model, step, res, self.run_dir / ckpt.BEST, self.ctx)
                 else:
