@@ -150,13 +150,18 @@ def test_eval_subset_does_not_follow_the_training_seed(
         assert (ev["n"], ev["eval_digest"]) == (16, conf[run]["eval_digest"])
 
 
-SLOW_STEP = (
+# The run stops inside its 8th optimizer step (7 steps logged, the step-6 checkpoint written) until it is
+# killed: the kill lands at the same point on a fast or a slow, loaded machine (a sleep per step raced it).
+HALT_AT_STEP_8 = (
     "import sys, time, torch\n"
     "orig = torch.optim.AdamW.step\n"
-    "def slow(self, *a, **k):\n"
-    "    time.sleep(0.25)\n"
+    "calls = [0]\n"
+    "def halting(self, *a, **k):\n"
+    "    calls[0] += 1\n"
+    "    if calls[0] == 8:\n"
+    "        time.sleep(600)\n"
     "    return orig(self, *a, **k)\n"
-    "torch.optim.AdamW.step = slow\n"
+    "torch.optim.AdamW.step = halting\n"
     "from lorakit.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
@@ -173,23 +178,26 @@ def test_resume_after_kill_9_matches_uninterrupted(
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_STEP, *args, "--output-dir", str(run)],
+        [sys.executable, "-c", HALT_AT_STEP_8, *args, "--output-dir", str(run)],
         env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 7 and (run / ckpt.CHECKPOINT).is_file():
-            break
-        assert proc.poll() is None, "training finished before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 7 and (run / ckpt.CHECKPOINT).is_file():
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.05)
+        assert len(train_losses(run)) == 7
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "results.json").exists()
     resumed_from = torch.load(run / ckpt.CHECKPOINT, weights_only=True)["step"]
-    assert 4 <= resumed_from < 12
+    assert resumed_from == 6  # steps 7 and 8 are redone
 
     # Resuming with a different learning rate is refused; the same config continues, at another
     # checkpoint cadence too (--save-every does not change results).
