@@ -1,7 +1,7 @@
 """Run by test_fsdp_late.py under torchrun: the paths that write a base weight *without* going through
 ``lorakit.merge`` (a direct ``layer.merge()`` / ``layer.unmerge()``, ``load_adapter`` into a merged model,
-a mixed-adapter batch re-merging on exit) on LoRA layers of FSDP2's root unit after a forward under
-``no_grad`` (the root then holds the gathered copy) vs the same calls on one unsharded process.
+a mixed-adapter batch re-merging on exit, ``target_parameters``' LoraParameter) on LoRA layers of FSDP2's
+root unit after a forward under ``no_grad`` (the root then holds the gathered copy) vs the same calls on one unsharded process.
 
 Each case ends with ``model.reshard()`` (what any later reshard does) and compares the outputs: a write that
 went into the gathered copy is lost there. Writes ``<out>/rank<R>.json`` (the test asserts on it).
@@ -22,12 +22,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fsdp_root_merge_worker import tiny  # noqa: E402  (the same model and factors)
 
 
-def sharded() -> torch.nn.Module:
+def tiny_params() -> torch.nn.Module:
+    """``target_parameters`` (a LoraParameter on the first Linear's bare weight), factors that move it."""
+    import lorakit
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    torch.manual_seed(1)
+    lorakit.inject(m, lorakit.LoraConfig(r=2, alpha=4, target_parameters=["0.weight"]))
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(m):
+            layer.lora_B.normal_()
+    return m
+
+
+def sharded(build: object = tiny) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     from lorakit.train.fsdp_alias import visible_bases
 
-    m = tiny()
+    m = build()  # type: ignore[operator]
     with visible_bases(m):  # one unit, the root: every base weight in it
         fully_shard(m, ignored_params={p for p in m.parameters() if p.requires_grad})
     return m
@@ -104,7 +118,28 @@ def main(out: Path) -> None:
         r["mixed_exit_remerged"] = diff(m, ref)
         return r
 
+    def param_targets() -> dict[str, object]:  # LoraParameter.merge; load_adapter's param_targets.copy_loaded
+        ref, m, other = tiny_params(), sharded(tiny_params), tiny_params()
+        fwd(m)
+        for model in (m, ref):
+            for _, layer in lorakit.lora_layers(model):
+                layer.merge()
+        r: dict[str, object] = {"param_merge": diff(m, ref)}
+        with torch.no_grad():
+            for _, layer in lorakit.lora_layers(other):
+                layer.lora_B.mul_(-2.0)
+        if rank == 0:
+            lorakit.save_adapter(other, out / "other_params")
+        dist.barrier()
+        fwd(m)
+        for model in (m, ref):
+            lorakit.load_adapter(model, out / "other_params")
+        r["param_load_into_merged"] = diff(m, ref)
+        r["param_load_vs_other"] = float((fwd(m) - fwd(lorakit.merge(other))).abs().max())
+        return r
+
     case("layer_merge", layer_level)
+    case("param_merge", param_targets)
     case("load_into_merged", load_into_merged)
     case("mixed_exit_remerged", mixed_batch)
     (out / f"rank{rank}.json").write_text(json.dumps(res))

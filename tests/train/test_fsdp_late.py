@@ -63,10 +63,13 @@ def test_every_base_weight_write_reshards_a_gathered_root_unit_first(tmp_path: P
     """The writes that bypass ``lorakit.merge`` (worker: fsdp_layer_merge_worker.py) on the root unit after a
     no_grad forward, vs one unsharded process: a direct ``layer.merge()`` was lost at the next reshard
     (measured without lorakit.fsdp_reshard: 3.19 off the merged model, 6e-8 from the bare base) and a
-    mixed-adapter batch's re-merge on exit raised torch's "mixed torch.Tensor and DTensor"."""
+    mixed-adapter batch's re-merge on exit and a target_parameters load into a merged model raised torch's
+    "mixed torch.Tensor and DTensor"."""
     for r in run_worker("fsdp_layer_merge_worker.py", tmp_path, timeout=100):
         assert set(r["state_before"]) == {"UNSHARDED"}  # the case under test
         assert r["layer_merge"] < 1e-6 and r["layer_merge_vs_base"] > 1.0  # merged, and the merge moved it
         assert r["layer_unmerge"] < 1e-6
         assert r["load_into_merged"] < 1e-6 and r["load_vs_other"] < 1e-6  # load_adapter into a merged model
         assert r["mixed_rows"] < 1e-6 and r["mixed_exit_remerged"] < 1e-6  # batch_adapters' exit re-merges
+        # target_parameters (LoraParameter, writing its owner's Parameter): merge, load_adapter into merged
+        assert r["param_merge"] < 1e-6 and r["param_load_into_merged"] < 1e-6 and r["param_load_vs_other"] < 1e-6
