@@ -1,7 +1,8 @@
 """Run by test_fsdp_late.py under torchrun: the paths that write a base weight *without* going through
 ``lorakit.merge`` (a direct ``layer.merge()`` / ``layer.unmerge()``, ``load_adapter`` into a merged model,
 a mixed-adapter batch re-merging on exit, ``target_parameters``' LoraParameter) on LoRA layers of FSDP2's
-root unit after a forward under ``no_grad`` (the root then holds the gathered copy) vs the same calls on one unsharded process.
+root unit after a forward under ``no_grad`` (the root then holds the gathered copy) vs the same calls on one
+unsharded process.
 
 Each case ends with ``model.reshard()`` (what any later reshard does) and compares the outputs: a write that
 went into the gathered copy is lost there. Writes ``<out>/rank<R>.json`` (the test asserts on it).
