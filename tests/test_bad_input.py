@@ -326,3 +326,25 @@ def test_the_check_is_cheap_on_the_hot_switch() -> None:
     t_checked = min(timeit.repeat(lambda: checked(model, "b"), number=n, repeat=5)) / n
     t_raw = min(timeit.repeat(lambda: raw(model, "b"), number=n, repeat=5)) / n
     assert t_checked - t_raw < 1.5e-6, (t_checked, t_raw)
+
+
+def test_atomic_dir_whose_swap_fails_keeps_the_previous_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename of the new directory into place fails after the previous one was moved aside (e.g. the
+    disk went read-only): the previous directory is put back, nothing else is left."""
+    import os
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "w").write_text("previous")
+    before = snapshot(tmp_path)
+    real = os.replace
+
+    def swap_fails(src: Any, dst: Any) -> None:
+        if Path(src).name.startswith(".out.tmp-"):
+            raise OSError(30, "Read-only file system (injected)")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", swap_fails)
+    with pytest.raises(OSError, match="injected"):
+        atomic_dir(tmp_path / "out", lambda d: (d / "w").write_text("new"))
+    assert snapshot(tmp_path) == before

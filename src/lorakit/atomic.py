@@ -83,6 +83,7 @@ def atomic_dir(final: str | os.PathLike[str], fill: Callable[[Path], Any]) -> No
     final = check_output(final, "directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old = None
     try:
         fill(tmp)
         for f in tmp.rglob("*"):
@@ -90,7 +91,6 @@ def atomic_dir(final: str | os.PathLike[str], fill: Callable[[Path], Any]) -> No
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
-        old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
@@ -99,5 +99,7 @@ def atomic_dir(final: str | os.PathLike[str], fill: Callable[[Path], Any]) -> No
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not final.exists():  # the swap failed halfway: the previous back
+            os.replace(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
