@@ -160,17 +160,40 @@ def _workers(parent: int) -> list[int]:
     return out
 
 
+# Rank 1 of ``lorakit train`` stops inside its first optimizer step after ``checkpoint.pt`` exists (under FSDP
+# rank 0 has written it before that step's collectives) and writes its PID: the kill lands one step after the
+# first checkpoint on any machine (polling for the file raced a run of a few short steps).
+HALT_RANK_1 = (
+    "import os, sys, time, torch\n"
+    "from pathlib import Path\n"
+    "ckpt, pid_file = Path(os.environ['HALT_AFTER']), Path(os.environ['HALT_PID_FILE'])\n"
+    "orig = torch.optim.AdamW.step\n"
+    "def halting(self, *a, **k):\n"
+    "    if os.environ.get('RANK') == '1' and ckpt.is_file():\n"
+    "        pid_file.with_suffix('.tmp').write_text(str(os.getpid()))\n"
+    "        pid_file.with_suffix('.tmp').replace(pid_file)\n"
+    "        time.sleep(600)\n"
+    "    return orig(self, *a, **k)\n"
+    "torch.optim.AdamW.step = halting\n"
+    "from lorakit.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def kill_a_rank_at_first_checkpoint(args: list[str], out: Path, env: dict[str, str], wait_s: float) -> None:
-    """``lorakit train args`` on 2 ranks; once ``out/checkpoint.pt`` exists, kill -9 one rank: the run fails."""
-    proc = subprocess.Popen([*torchrun(2), "-m", "lorakit", *args], env=cli_env(**env),
+    """``lorakit train args`` on 2 ranks; one step after ``out/checkpoint.pt`` exists, kill -9 rank 1: the run
+    fails."""
+    script, pid_file = out.parent / f"{out.name}-halt.py", out.parent / f"{out.name}-rank1.pid"
+    script.write_text(HALT_RANK_1)
+    env = {**env, "HALT_AFTER": str(out / "checkpoint.pt"), "HALT_PID_FILE": str(pid_file)}
+    proc = subprocess.Popen([*torchrun(2), str(script), *args], env=cli_env(**env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + wait_s
-        while not (out / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        while not pid_file.is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        workers = _workers(proc.pid)
-        assert workers and proc.poll() is None, "the run ended before its first checkpoint"
-        os.kill(max(workers), signal.SIGKILL)
+        assert pid_file.is_file() and proc.poll() is None, "the run ended before its first checkpoint"
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
         assert proc.wait(timeout=wait_s) != 0
     finally:
         if proc.poll() is None:
