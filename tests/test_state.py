@@ -68,7 +68,7 @@ TARGETS = {"mlp": [["q_proj"], ["emb", "qkv"], "all-linear", r".*_proj"],
            "conv": [["c1"], ["c2", "c3"], ["fc"]]}
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10, deadline=None, derandomize=True, database=None)  # the same 10 cases on every machine
 @given(kind=st.sampled_from(sorted(MODELS)), pick=st.integers(0, 3), r=st.integers(1, 5), merge=st.booleans(),
        seed=st.integers(0, 1000), frozen=st.booleans())
 def test_property_inject_then_unwrap_is_identity(kind, pick, r, merge, seed, frozen):
