@@ -41,7 +41,7 @@ def test_fsdp_composes(combo: dict, tmp_path: Path, short_reference: Path, tiny_
                        sentiment_files: tuple[Path, Path]) -> None:
     out = tmp_path / "run"
     res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **SHORT, **combo, fsdp=True, output_dir=out),
-                  launcher=torchrun(2), env=ENV, timeout=120)
+                  launcher=torchrun(2), env=ENV, timeout=360)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = train_losses(short_reference), train_losses(out)
     assert len(a) == len(b) == SHORT["max_steps"]
@@ -200,7 +200,7 @@ def test_fsdp_composes_with_a_quantized_base(tmp_path: Path, tiny_bert: Path,
                                    output_dir=ref), env=ENV)
     assert res.returncode == 0, res.stderr[-2000:]
     res = run_cli(*tiny_train_args(tiny_bert, sentiment_files, **SHORT, batch_size=4, quantize="nf4", fsdp=True,
-                                   output_dir=out), launcher=torchrun(2), env=ENV, timeout=120)
+                                   output_dir=out), launcher=torchrun(2), env=ENV, timeout=480)
     assert res.returncode == 0, res.stderr[-3000:]
     assert train_losses(out) == pytest.approx(train_losses(ref), rel=LOSS_REL)
     assert_same_adapter(ref, out)

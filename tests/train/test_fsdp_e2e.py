@@ -37,7 +37,7 @@ def test_fsdp_e2e_matches_single_process(tmp_path: Path) -> None:
     res = run_cli(*cli_args("train", opts, batch_size=4, output_dir=ref), env=ENV)
     assert res.returncode == 0, res.stderr[-2000:]
     res = run_cli(*cli_args("train", opts, batch_size=2, fsdp=True, output_dir=out), launcher=torchrun(2), env=ENV,
-                  timeout=180)
+                  timeout=480)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = train_losses(ref), train_losses(out)
     assert len(a) == len(b) == E2E["max_steps"]
