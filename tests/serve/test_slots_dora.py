@@ -4,6 +4,7 @@ text of a DoRA request served next to others equals PEFT ``generate`` alone; LoR
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,23 @@ def test_dora_request_served_next_to_others_equals_generate_alone(toy: Path, tmp
             assert r.status_code == 200, r.text
             return str(r.json()["choices"][0]["text"])
 
-        with ThreadPoolExecutor(len(jobs)) as ex:
-            got = list(ex.map(one, jobs))
+        import threading
+
+        engine, gate = srv.state.engine, threading.Event()
+        engine.call(gate.wait)  # all 4 queue (in order) before any runs: the same batches on every machine
+        try:
+            with ThreadPoolExecutor(len(jobs)) as ex:
+                futs = []
+                for i, job in enumerate(jobs):
+                    futs.append(ex.submit(one, job))
+                    deadline = time.monotonic() + 30
+                    while engine.stats()["waiting"] < i + 1 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    assert engine.stats()["waiting"] == i + 1, engine.stats()
+                gate.set()
+                got = [f.result() for f in futs]
+        finally:
+            gate.set()
     want = [reference.text(p, "dora-test" if m == "dora" else m, n) for m, p, n in jobs]
     assert got == want
     assert want[0] != reference.text(jobs[0][1], None, jobs[0][2])  # the DoRA adapter changes the text
