@@ -32,19 +32,37 @@ def _start(toy: Path, tmp_path: Path, **extra: object) -> tuple[subprocess.Popen
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _wait_up(proc: subprocess.Popen[bytes], url: str) -> None:
+def _wait_up(proc: subprocess.Popen[bytes], url: str) -> bool:
+    """True once /health answers; False if the server could not bind its port (taken since ``_free_port``)."""
     import httpx
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"server exited {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            out = proc.stdout.read().decode()  # type: ignore[union-attr]
+            if "address already in use" in out.lower():
+                return False
+            pytest.fail(f"server exited {proc.returncode}: {out[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
+                return True
         except httpx.HTTPError:
             time.sleep(0.1)
     pytest.fail("server did not come up")
+
+
+def _start_up(toy: Path, tmp_path: Path, **extra: object) -> tuple[subprocess.Popen[bytes], str]:
+    """A started server; another free port if another process took the first between the probe and the bind."""
+    for _ in range(3):
+        proc, url = _start(toy, tmp_path, **extra)
+        try:
+            if _wait_up(proc, url):
+                return proc, url
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    pytest.fail("three free ports were taken before the server bound them")
 
 
 @pytest.mark.slow
@@ -56,9 +74,8 @@ def test_sigterm_finishes_running_stream_then_exits_0(toy: Path, tmp_path: Path)
     """
     import httpx
 
-    proc, url = _start(toy, tmp_path, **{"drain-timeout": 0.0, "max-tokens-cap": 200})
+    proc, url = _start_up(toy, tmp_path, **{"drain-timeout": 0.0, "max-tokens-cap": 200})
     try:
-        _wait_up(proc, url)
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "model"
         events: list[str] = []
         with httpx.stream("POST", url + "/v1/completions", timeout=30,
