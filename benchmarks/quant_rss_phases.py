@@ -9,7 +9,11 @@ from freed memory the allocator keeps. Not timed: run it beside anything.
     MALLOC_MMAP_THRESHOLD_=131072 PYTHONPATH=. python benchmarks/quant_rss_phases.py lorakit-fp32
 
 The peak is ``VmHWM`` reset (``/proc/self/clear_refs``) after ``malloc_trim`` once the first step ran,
-as ``bench_quant`` does.
+as ``bench_quant`` does. Each step also prints where its RSS peaked among the module boundaries
+(the sampled maximum; ``VmHWM`` can sit a little above it, inside a module). ``--trim forward`` /
+``--trim layers`` is an experiment, not lorakit's behaviour: ``malloc_trim(0)`` in a forward hook on the
+model (after the loss) / also on every decoder layer, to see how much of the step's peak is freed heap
+glibc keeps.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variant", help="a bench_quant step variant, e.g. lorakit-fp32, lorakit-nf4, peft-nf4")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trim", choices=("none", "forward", "layers"), default="none",
+                    help="malloc_trim(0) after the model's forward / also after each decoder layer's")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -64,14 +70,24 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (BQ.BATCH, BQ.SEQ))
     params = [p for p in model.parameters() if p.requires_grad]
     top = {"live": 0.0}
+    peak: dict[str, object] = {"rss": 0, "at": ""}
 
-    def sample(*_: object) -> None:
+    def sample(m: object, *_: object) -> None:
         top["live"] = max(top["live"], live_mib())
+        rss = status()["VmRSS"]
+        if rss > peak["rss"]:
+            peak.update(rss=rss, at=f"#{peak['n']} {type(m).__name__}")
+        peak["n"] = int(peak.get("n", 0)) + 1
 
     for m in model.modules():
         m.register_forward_hook(sample)
         if not list(m.children()):
             m.register_full_backward_hook(sample)
+    trims = [model] if a.trim != "none" else []
+    if a.trim == "layers":
+        trims += [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for m in trims:  # registered after the samplers: each boundary is sampled before the trim
+        m.register_forward_hook(lambda *_: (_LIBC.malloc_trim(0), None)[1])
 
     own = {t.untyped_storage().data_ptr() for t in model.parameters()}
     saved: dict[int, int] = {}
@@ -82,11 +98,13 @@ def main() -> None:
         return t
 
     def step(tag: str) -> None:
+        peak.update(rss=0, at="", n=0)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(input_ids=ids, labels=ids)
         marks.append((f"{tag} forward", status()))
         out.loss.backward()
         marks.append((f"{tag} backward", status()))
+        print(f"{a.variant} {tag}: RSS peaked at boundary {peak['at']} of {peak['n']}: {peak['rss']} MiB")
         del out
         for p in params:
             p.grad = None
