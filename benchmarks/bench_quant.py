@@ -22,6 +22,19 @@ file pages quantization read stay resident while any tensor uses the map). The t
 notes as ``life_mib`` (on SmolLM2 both are the step's). ``adapted_base_mib`` is the resident bytes
 of the adapted layers' base weights (codes and scales; fp32 weights for the fp32 base), ``ratio``
 that against fp32.
+
+GPU form (issue 15; ``benchmarks/run_gpu.sh``)::
+
+    python -m benchmarks.bench_quant --device cuda --dtype bf16 --only lorakit-fp32 lorakit-nf4 peft-nf4 floor-nf4
+
+``--device cuda`` loads the model onto the GPU before quantizing, so ``quantize_base`` runs
+bitsandbytes' CUDA kernels, the step's input lives there, the clock reads after a synchronise and
+the peak is ``torch.cuda.max_memory_allocated`` over the timed steps (weights included; the host's
+RSS is in the notes as ``life_mib``). ``--dtype bf16``: the float base (``lorakit-fp32``, the anchor
+name kept) is bf16, the quantized layers get ``compute_dtype=torch.bfloat16`` (lorakit dequantizes
+into bf16, bitsandbytes' ``matmul_4bit`` computes in bf16) and the forward runs under bf16 autocast;
+LoRA adapters stay fp32. The ``-stream`` variants measure the host's peak RSS of the streamed load
+and stay CPU-only.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import CACHE, Measured, main, smollm2_dir, time_it, variants
+from benchmarks.harness import CACHE, Measured, amp, device_of, dtype_of, main, smollm2_dir, time_it, variants
 from benchmarks.models import SMOL_TARGETS, load
 
 R, ALPHA, DROPOUT, BATCH, SEQ = 16, 32, 0.05, 4, 128
@@ -102,17 +115,21 @@ def _build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
 
         import_bnb_without_compile()
         variant = variant.removesuffix("-nocompile")
+    dev, dt = device_of(args), dtype_of(args)
     if variant.endswith("-stream"):
+        if dev.type != "cpu":
+            raise SystemExit(f"{variant}: the streamed load measures the host's peak RSS; CPU only (--device cpu)")
         model = _streamed(variant.split("-")[1], args.smoke)
     else:
-        model = load("smollm2", args.smoke)
+        model = load("smollm2", args.smoke, dev, dt)  # on a GPU quantize_base then runs bitsandbytes' CUDA kernels
     for p in model.parameters():
         p.requires_grad_(False)
         # own memory instead of views into the loader's mmap of the checkpoint: otherwise the pages that
         # quantization read stay resident (the map lives while any tensor, e.g. the embedding, uses it)
         p.data = p.data if variant.endswith("-stream") else p.data.clone()
     if variant.endswith(("nf4", "int8")):
-        lorakit.quantize_base(model, "int8" if variant.endswith("int8") else "nf4", skip=("lm_head",))
+        lorakit.quantize_base(model, "int8" if variant.endswith("int8") else "nf4", skip=("lm_head",),
+                              compute_dtype=None if dt == torch.float32 else dt)
     if variant.startswith("lorakit"):
         lorakit.inject(model, lorakit.LoraConfig(r=R, alpha=ALPHA, dropout=DROPOUT, targets=list(SMOL_TARGETS)))
     elif variant.startswith("peft"):
@@ -127,12 +144,14 @@ def _build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
 
 def _step_run(args: argparse.Namespace, variant: str) -> Measured:
     model = _build(variant, args)
-    batch, seq = (2, 16) if args.smoke else (BATCH, SEQ)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    batch, seq = (2, 16) if args.smoke else (args.batch or BATCH, SEQ)
+    dev = device_of(args)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
+        with amp(args):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         for p in params:
             p.grad = None
@@ -144,7 +163,9 @@ def _step_run(args: argparse.Namespace, variant: str) -> Measured:
     res.extra = {"life_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                  "adapted_base_mib": round(got / 2**20, 1), "ratio": round(got / max(fp32, 1), 4),
                  "trainable": sum(p.numel() for p in params)}
-    if reset:
+    if dev.type == "cuda":  # time_it's peak: torch.cuda.max_memory_allocated over the timed steps
+        res.extra["base"] = f"{args.dtype} on {dev}"
+    elif reset:
         res.peak_mib = _hwm_mib()
     else:
         res.extra["peak"] = "lifetime (clear_refs unavailable)"
@@ -159,10 +180,12 @@ def _micro_run(args: argparse.Namespace, variant: str) -> Measured:
     from lorakit.quant import weights as QW
     from lorakit.quant.autograd import quant_lora_linear
 
-    out_f, in_f, n = (64, 32, 8) if args.smoke else (1536, 576, BATCH * SEQ)
-    q = quantize_base(torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False)), "nf4", skip=())[0]
-    x = torch.randn(n, in_f, requires_grad=True)
-    g = torch.randn(n, out_f)
+    dev, dt = device_of(args), dtype_of(args)
+    out_f, in_f, n = (64, 32, 8) if args.smoke else (1536, 576, (args.batch or BATCH) * SEQ)
+    lin = torch.nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dt)
+    q = quantize_base(torch.nn.Sequential(lin), "nf4", skip=())[0]  # dequantizes into dt
+    x = torch.randn(n, in_f, device=dev, dtype=dt, requires_grad=True)
+    g = torch.randn(n, out_f, device=dev, dtype=dt)
     qs = q.weight.quant_state
 
     def ours() -> None:
@@ -180,11 +203,14 @@ def _micro_run(args: argparse.Namespace, variant: str) -> Measured:
     for _ in range(3):
         fn()
     res = time_it(fn, max(args.reps, 20), args.warmup)
-    w = QW.dequantize(q)
+    w = QW.dequantize(q, dt)
     import time
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(20):
-        QW.dequantize(q)
+        QW.dequantize(q, dt)
+    sync()
     res.extra = {"dequant_ms": round((time.perf_counter() - t0) / 20 * 1e3, 3), "shape": f"{out_f}x{in_f}",
                  "rows": n, "numel": w.numel()}
     return res
