@@ -6,20 +6,26 @@ enough of ``/v1/completions`` (model, prompt, max_tokens, temperature 0, stream,
 for the same load generator::
 
     python -m benchmarks.baseline_serve --model DIR --adapter-dir DIR --adapters 8 --port 8001 --threads 2
+    python -m benchmarks.baseline_serve ... --device cuda --dtype bf16    # the model (and the adapters) on a GPU
+
+PEFT loads the adapters onto the device of the base layers they wrap.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+DTYPES = ("fp32", "bf16", "fp16")
 
-def build_app(model_dir: str, adapter_dir: str, names: list[str]) -> Any:
+
+def build_app(model_dir: str, adapter_dir: str, names: list[str], device: str = "cpu", dtype: str = "fp32") -> Any:
     import torch
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,7 +33,8 @@ def build_app(model_dir: str, adapter_dir: str, names: list[str]) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device=device, dtype=dt).eval()
     model = PeftModel.from_pretrained(base, str(Path(adapter_dir) / names[0]), adapter_name=names[0]).eval()
     for n in names[1:]:
         model.load_adapter(str(Path(adapter_dir) / n), adapter_name=n)
@@ -40,7 +47,7 @@ def build_app(model_dir: str, adapter_dir: str, names: list[str]) -> Any:
 
     @app.post("/v1/completions")
     def completions(body: dict[str, Any]) -> Any:
-        ids = tok(body["prompt"], return_tensors="pt")
+        ids = tok(body["prompt"], return_tensors="pt").to(device)
         n_new = int(body.get("max_tokens", 16))
 
         def run(streamer: Any = None) -> list[int]:
@@ -91,13 +98,19 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=8, help="load adapters a0 .. a{N-1}")
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: where the model and the inputs go")
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32", help="the base model's weight dtype")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.harness import device_of
+
+    device_of(args)  # a clear stop when --device cuda has no GPU
     import torch
     import uvicorn
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    app = build_app(args.model, args.adapter_dir, [f"a{i}" for i in range(args.adapters)])
+    app = build_app(args.model, args.adapter_dir, [f"a{i}" for i in range(args.adapters)], args.device, args.dtype)
     print(f"baseline ready in {time.perf_counter() - t0:.1f} s", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 

@@ -14,6 +14,11 @@ is over all its rounds, and the per-round ratios are printed. The server's CPU s
 
     python -m benchmarks.bench_serve --threads 2 --requests 48 --baseline-requests 16 --out /tmp/serve.md
     python -m benchmarks.bench_serve --threads 2 --requests 16 --rounds 3 --baseline-requests 16
+    python -m benchmarks.bench_serve --device cuda --dtype bf16 --requests 64 --out runs/gpu/serve.md  # GPU form
+
+``--device`` / ``--dtype`` (default cpu, fp32: the CPU figures) go to both servers: ``lorakit serve
+--device --dtype`` and the baseline's model (``baseline_serve.py --device --dtype``); the adapters
+are made on the CPU in fp32 either way and cast on load.
 """
 
 from __future__ import annotations
@@ -214,14 +219,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: where both servers put the model")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="the servers' weight dtype (lorakit serve --dtype; the baseline's model dtype)")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--logs", default="/tmp/lorakit-bench-logs")
     args = ap.parse_args()
 
-    if args.model is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from benchmarks.harness import smollm2_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.harness import device_of, smollm2_dir
 
+    device_of(args)  # a clear stop when --device cuda has no GPU, before anything starts
+    if args.model is None:
         args.model = smollm2_dir()
     from transformers import AutoTokenizer
 
@@ -243,7 +252,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     srv = Proc([sys.executable, "-m", "lorakit.serve", "--model", args.model, "--adapter-dir", str(adir),
                 "--max-loaded", str(max(args.counts)), "--max-batch", str(args.max_batch), "--threads",
-                str(args.threads), "--port", str(port), "--max-queue", "1024", "--log-level", "warning"],
+                str(args.threads), "--port", str(port), "--max-queue", "1024", "--log-level", "warning",
+                "--device", args.device, "--dtype", args.dtype],
                logs / "lorakit.log", args.threads)
     try:
         srv.wait_up(url)
@@ -273,7 +283,8 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         base = Proc([sys.executable, "-m", "benchmarks.baseline_serve", "--model", args.model, "--adapter-dir",
-                     str(adir), "--adapters", "8", "--threads", str(args.threads), "--port", str(port)],
+                     str(adir), "--adapters", "8", "--threads", str(args.threads), "--port", str(port),
+                     "--device", args.device, "--dtype", args.dtype],
                     logs / "baseline.log", args.threads)
         try:
             base.wait_up(url)
@@ -297,11 +308,16 @@ def main() -> None:
                 rs = [(sum(r.get("tokens", 0) for r in a[0]) / a[1]) / (sum(r.get("tokens", 0) for r in b[0]) / b[1])
                       for a, b in zip(runs[k], runs[1], strict=True)]
                 per_round.append(f"{k} ÷ 1 adapter by round: " + ", ".join(f"{x:.2f}x" for x in rs))
+    gpu = ""
+    if args.device.startswith("cuda"):
+        import torch
+
+        gpu = f" ({torch.cuda.get_device_name(torch.device(args.device))})"
     lines = [f"{args.requests} requests per lorakit setting and round, {args.rounds} round(s) "
              f"({args.baseline_requests} for the baseline), "
              f"{args.clients} concurrent streaming clients, prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} "
              f"tokens, {args.new_tokens} new tokens (greedy), all-linear r={args.rank}, server threads "
-             f"{args.threads}, max batch {args.max_batch}.", "",
+             f"{args.threads}, max batch {args.max_batch}, {args.device} {args.dtype}{gpu}.", "",
              "| setting | ok / requests | tokens/s | vs 1 adapter | server CPU s / 1k tokens | TTFT p50 / p99 (s) "
              "| ITL p50 / p99 (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
