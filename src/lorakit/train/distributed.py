@@ -7,16 +7,18 @@ without it everything degrades to a single process with rank 0.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from lorakit.train.errors import CollectiveTimeoutError
+from lorakit.train.errors import CollectiveTimeoutError, SaveError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,50 @@ def teardown(ctx: DistContext) -> None:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def current() -> DistContext:
+    """This process's context read from the initialised process group (one process without one): for the
+    public helpers that take no ``ctx`` (``lorakit.train.fsdp.save_adapter``)."""
+    if not dist.is_initialized():
+        return DistContext(0, 1, 0, torch.device("cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def agree(ctx: DistContext, failure: BaseException | None, what: str, dest: Any,
+          error: type[SaveError] = SaveError) -> None:
+    """Every rank learns whether rank 0's ``what`` (writing ``dest``) succeeded: one all-reduce of the ranks'
+    failure flags, then (only on a failure) rank 0's cause broadcast; on a failure every rank raises ``error``
+    at once, naming ``dest`` and the cause, instead of the others waiting in the next collective until
+    ``LORAKIT_DIST_TIMEOUT``. In one process a failure raises ``error`` too (no collective)."""
+    failed = failure is not None
+    if ctx.enabled:
+        failed = float(all_sum(ctx, torch.tensor(float(failed), device=ctx.device))) > 0
+    if not failed:
+        return
+    cause = broadcast_object(ctx, f"{type(failure).__name__}: {failure}" if failure is not None else None)
+    raise error(f"rank {ctx.rank}: {what} failed on rank 0 ({cause or 'on another rank'}); every rank stopped "
+                f"there and {dest} was left as it was") from failure
+
+
+def rank0_save(ctx: DistContext, write: Callable[[], T], what: str, dest: Any) -> T | None:
+    """``write()`` on rank 0 alone (an atomic write of ``dest``), then every rank agrees on its outcome
+    (:func:`agree`; this replaces the barrier after such a save): a failure there raises :class:`SaveError` on
+    every rank at once. Returns ``write()``'s value on rank 0, None elsewhere. In one process: just
+    ``write()`` (its own error, no collective), as before."""
+    if not ctx.enabled:
+        return write()
+    out, failure = None, None
+    if ctx.is_main:
+        try:
+            out = write()
+        except Exception as exc:  # noqa: BLE001 - every rank is told, then raises SaveError
+            failure = exc
+    agree(ctx, failure, what, dest)
+    return out
 
 
 def all_sum(ctx: DistContext, value: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,13 @@ class CollectiveTimeoutError(LoraError, RuntimeError):
     another rank died or is stuck. The message names the variable, its value and this rank."""
 
 
-class FullSaveError(LoraError, RuntimeError):
+class SaveError(LoraError, RuntimeError):
+    """A multi-process run: a file that rank 0 writes alone (``checkpoint.pt``, ``best.pt``, the final or best
+    adapter, ``results.json``) could not be written there (disk full, permissions, a wrong path). Every rank
+    raises it at once (they agree on rank 0's outcome: :func:`lorakit.train.distributed.rank0_save`), naming
+    the file and rank 0's cause; the writes are atomic, so the previous file is intact."""
+
+
+class FullSaveError(SaveError):
     """``--method full --fsdp``: writing the gathered model failed on rank 0 (disk full, permissions...). Every
     rank raises it at the same step of the save (they agree after each one); the previous output is intact."""

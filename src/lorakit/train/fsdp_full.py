@@ -86,20 +86,12 @@ def model_class_name(cls: type) -> str:
 
 
 def _agree(ctx: Any, failure: BaseException | None, what: str, dest: Path) -> None:
-    """Every rank learns whether rank 0's step ``what`` of the save succeeded (one all-reduce, then rank 0's
-    message); on a failure all raise :class:`FullSaveError` at once instead of the others waiting in the next
-    all-gather until ``LORAKIT_DIST_TIMEOUT``."""
+    """Every rank learns whether rank 0's step ``what`` of the save succeeded
+    (:func:`lorakit.train.distributed.agree`); on a failure all raise :class:`FullSaveError` at once."""
     from lorakit.train import distributed as dd
     from lorakit.train.errors import FullSaveError
 
-    failed = failure is not None
-    if ctx.enabled:
-        failed = float(dd.all_sum(ctx, torch.tensor(float(failed), device=ctx.device))) > 0
-    if not failed:
-        return
-    cause = dd.broadcast_object(ctx, f"{type(failure).__name__}: {failure}" if failure is not None else None)
-    raise FullSaveError(f"rank {ctx.rank}: saving the sharded model to {dest} failed on rank 0 at {what} "
-                        f"({cause}); every rank stopped there and {dest} was left as it was") from failure
+    dd.agree(ctx, failure, f"saving the sharded model to {dest} (at {what})", dest, FullSaveError)
 
 
 def save_model(model: nn.Module, tokenizer: Any, dest: Path, meta_text: str, ctx: Any,
