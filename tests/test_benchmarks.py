@@ -41,6 +41,8 @@ SCRIPTS = [
     ("benchmarks.bench_linear", ["--dtype", "bf16", "--dropout", "0.1"], 6),
     ("benchmarks.bench_minilm", ["--dtype", "bf16"], 6),
     ("benchmarks.bench_inference", ["--model", "minilm", "--dtype", "bf16"], 5),
+    # issue 16's DoRA rows (float and NF4 base; the GPU form is in run_gpu.sh)
+    ("benchmarks.bench_dora", ["--only", "lorakit-dora", "peft-dora", "lorakit-dora-nf4", "peft-dora-nf4"], 5),
 ]
 
 
@@ -72,6 +74,36 @@ def test_gpu_request_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(sys, "argv", ["benchmarks.bench_linear", "--smoke", "--device", "cuda"])
     with pytest.raises(SystemExit, match=r"--device cuda: torch sees no CUDA device"):
         runpy.run_module("benchmarks.bench_linear", run_name="__main__", alter_sys=False)
+
+
+#: the GPU rows of issues 15-18 (benchmarks/run_gpu.sh): each script's --device cuda / --dtype bf16 parse
+#: and, without a GPU, stop with the harness's message before any model is loaded or process started
+GPU_ROWS = [
+    ("benchmarks.bench_quant", ["--smoke"]),
+    ("benchmarks.bench_dora", ["--smoke"]),
+    ("benchmarks.bench_serve", []),
+    ("benchmarks.baseline_serve", ["--model", "m", "--adapter-dir", "a"]),
+    ("benchmarks.bench_fsdp", []),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: --device cuda is valid here")
+@pytest.mark.parametrize(("module", "args"), GPU_ROWS, ids=[m.split(".")[-1] for m, _ in GPU_ROWS])
+def test_gpu_rows_without_a_gpu_say_so(module: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [module, *args, "--device", "cuda", "--dtype", "bf16"])
+    with pytest.raises(SystemExit, match=r"--device cuda: torch sees no CUDA device"):
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+
+
+def test_run_gpu_script_parses_and_has_the_issue_rows() -> None:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for module in ("bench_quant", "bench_dora", "bench_serve", "bench_fsdp --device"):
+        assert module in text, module
 
 
 def test_device_and_dtype_arguments() -> None:
