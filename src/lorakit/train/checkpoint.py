@@ -93,18 +93,18 @@ def save(
     run_dir: Path, step: int, best: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
     sched: Any, config: dict[str, Any], ctx: dd.DistContext,
 ) -> None:
-    """Write ``checkpoint.pt`` (rank 0: trainable weights, AdamW state, position). Collective."""
+    """Write ``checkpoint.pt`` (rank 0: trainable weights, AdamW state, position). Collective: a failure on
+    rank 0 raises :class:`~lorakit.train.errors.SaveError` on every rank (the previous file is intact)."""
     rngs = dd.gather_objects(ctx, rng_state())
-    if ctx.is_main:
-        atomic_save(
-            {
-                **run_position(step, best, fingerprint(config), rngs, sched),
-                "trainable": trainable_state(model),
-                "optimizer": opt.state_dict(),
-            },
-            run_dir / CHECKPOINT,
-        )
-    dd.barrier(ctx)
+    dest = run_dir / CHECKPOINT
+    dd.rank0_save(ctx, lambda: atomic_save(
+        {
+            **run_position(step, best, fingerprint(config), rngs, sched),
+            "trainable": trainable_state(model),
+            "optimizer": opt.state_dict(),
+        },
+        dest,
+    ), f"writing the checkpoint {dest}", dest)
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,

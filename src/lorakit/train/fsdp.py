@@ -351,14 +351,13 @@ def gather_trainables(model: nn.Module) -> None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> None:
-    """``lorakit.save_adapter`` of a sharded model: gathered on every rank, written by rank 0 (collective)."""
+    """``lorakit.save_adapter`` of a sharded model: gathered on every rank, written by rank 0 (collective); a
+    failure there raises :class:`~lorakit.train.errors.SaveError` on every rank (the previous one intact)."""
     import lorakit
 
     with gathered(model):
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            lorakit.save_adapter(model, path, **kwargs)
-    if dist.is_initialized():
-        dist.barrier()
+        distributed.rank0_save(distributed.current(), lambda: lorakit.save_adapter(model, path, **kwargs),
+                               f"saving the adapter {path}", path)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> None:
@@ -371,9 +370,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) 
 
 
 def save_best(model: nn.Module, step: int, metrics: dict[str, float], path: Path, ctx: Any) -> None:
-    """The loop's ``best.pt`` (same content as unsharded): gathered on every rank, written by rank 0."""
+    """The loop's ``best.pt`` (same content as unsharded): gathered on every rank, written by rank 0 (a failure
+    there: :class:`~lorakit.train.errors.SaveError` on every rank)."""
     from lorakit.train import checkpoint
 
     state = full_trainable_state(model)
-    if ctx.is_main:
-        checkpoint.save_best(path, step, metrics, state)
+    distributed.rank0_save(ctx, lambda: checkpoint.save_best(path, step, metrics, state),
+                           f"writing the best step's {path}", path)

@@ -13,6 +13,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -285,6 +286,7 @@ class Trainer:
         directly, unless ``last``: the final model is saved anyway). Returns the metrics."""
         metric = "loss" if self.spec.kind == "generation" else self.spec.metric
         res: dict[str, float] = {}
+        keep: Any = None  # DDP: rank 0's write of best.pt, agreed on below by every rank
         if self.ctx.is_main or self.cfg.fsdp:  # under FSDP every rank takes part in each forward
             with self.peaks.phase("eval"):
                 res = evaluate(
@@ -308,7 +310,11 @@ class Trainer:
                 elif self.cfg.fsdp:
                     fsdp.save_best(self.model, step, res, self.run_dir / ckpt.BEST, self.ctx)
                 else:
-                    ckpt.save_best(self.run_dir / ckpt.BEST, step, res, ckpt.trainable_state(self.model))
+                    state = ckpt.trainable_state(self.model)
+                    keep = partial(ckpt.save_best, self.run_dir / ckpt.BEST, step, res, state)
+        if not self.cfg.fsdp:  # a failure on rank 0: SaveError on every rank (one process: its own error)
+            best_pt = self.run_dir / ckpt.BEST
+            dd.rank0_save(self.ctx, keep or (lambda: None), f"writing the best step's {best_pt}", best_pt)
         best.update(dd.broadcast_object(self.ctx, dict(best)))
         return res
 

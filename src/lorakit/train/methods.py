@@ -82,6 +82,11 @@ def apply_method(
     return info
 
 
+def result_path(method: str, dest: Path) -> Path:
+    """Where :func:`save_result` writes ``method``'s weights under ``dest``."""
+    return dest / {"lora": "adapter", "full": "model"}.get(method, "head.safetensors")
+
+
 def save_result(
     model: torch.nn.Module, tokenizer: Any, method: str, dest: Path, meta: dict[str, Any]
 ) -> Path:
@@ -97,8 +102,8 @@ def save_result(
             lorakit.save_adapter(model, d)
             (d / META).write_text(meta_text)
 
-        atomic_dir(dest / "adapter", fill)
-        return dest / "adapter"
+        atomic_dir(result_path(method, dest), fill)
+        return result_path(method, dest)
     if method == "full":
 
         def fill_full(d: Path) -> None:
@@ -106,15 +111,15 @@ def save_result(
             tokenizer.save_pretrained(d)
             (d / META).write_text(meta_text)
 
-        atomic_dir(dest / "model", fill_full)
-        return dest / "model"
+        atomic_dir(result_path(method, dest), fill_full)
+        return result_path(method, dest)
     from safetensors.torch import save
 
     blob = save(
         {k: v.contiguous() for k, v in trainable_state(model).items()}, metadata={"lorakit": meta_text}
     )
-    atomic_write(dest / "head.safetensors", lambda fh: fh.write(blob))
-    return dest / "head.safetensors"
+    atomic_write(result_path(method, dest), lambda fh: fh.write(blob))
+    return result_path(method, dest)
 
 
 def load_head(model: torch.nn.Module, path: str | Path) -> None:

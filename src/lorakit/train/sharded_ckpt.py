@@ -88,13 +88,16 @@ def save(
     msd, osd = _state_dicts(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(target))
     rngs = dd.gather_objects(ctx, ckpt.rng_state())
-    if ctx.is_main:
+
+    def commit() -> None:  # rank 0; a failure (checkpoint.pt unwritable) keeps the previous step's pair
         position = ckpt.run_position(step, best, _fingerprint(config, global_batch), rngs, sched)
         ckpt.atomic_save({**position, "dcp": name, "world_size": ctx.world_size}, run_dir / ckpt.CHECKPOINT)
         for old in run_dir.glob("checkpoint-*.dcp"):  # the previous step's, and any torn one
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    dd.barrier(ctx)
+
+    dest = run_dir / ckpt.CHECKPOINT
+    dd.rank0_save(ctx, commit, f"committing the checkpoint {dest}", dest)  # SaveError on every rank
 
 
 def restore(
