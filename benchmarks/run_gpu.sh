@@ -7,7 +7,9 @@
 #   Extra arguments go to every harness script (bench_linear ... bench_dora; e.g. --device cuda:1, --smoke).
 #   --smoke also shrinks the serve and FSDP rows. DEVICE (default cuda) is every row's device;
 #   ROWS="quant dora serve fsdp" runs only the rows named (default: all); ROW_TIMEOUT (default 300 s) bounds
-#   each row; PYTHON (default python3) is the interpreter. `DEVICE=cpu benchmarks/run_gpu.sh --smoke --threads 1` checks the script on a CPU machine.
+#   each row; PYTHON (default python3) is the interpreter. On a bare GPU machine carry runs/gpukit
+#   (benchmarks/gpu_kit.sh makes it here): the packages that machine lacks, and the models' configs.
+#   `DEVICE=cpu benchmarks/run_gpu.sh --smoke --threads 1` checks the script on a CPU machine.
 # Results: under RESULTS (default $OUT when set, else runs/gpu): results.md (every row's command and table,
 #   in order), summary.txt (each row's status and seconds) and rows/ (each row's stdout, stderr and JSON).
 #   With $OUT set (a device machine, which returns a few files only) rows/ is packed into rows.tar.gz.
@@ -26,6 +28,21 @@ smoke=0
 for a in "$@"; do [[ $a == --smoke ]] && smoke=1; done
 failed=()
 start=$SECONDS
+
+# A bare GPU machine (the device tool's): lorakit from src/, the missing packages and the models' configs from
+# the kit benchmarks/gpu_kit.sh made (runs/gpukit, carried along), the models then with random weights
+kit="${GPU_KIT:-runs/gpukit}"
+if [[ -d $kit/site ]] && ! "$py" -c "import bitsandbytes, fastapi, loralib, pydantic, uvicorn" 2>/dev/null; then
+    export PYTHONPATH="$PWD/$kit/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+[[ -d $kit/models ]] && export LORAKIT_BENCH_KIT="$PWD/$kit"
+if ! "$py" -c "import lorakit" 2>/dev/null; then
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+{
+    echo "run_gpu.sh $*: DEVICE=$dev, $("$py" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))' 2>&1 | tail -n 1)"
+    echo "PYTHONPATH=${PYTHONPATH:-}; LORAKIT_BENCH_KIT=${LORAKIT_BENCH_KIT:-} (models whose package is missing get random weights)"
+} | tee -a "$res/summary.txt"
 
 # row NAME COMMAND...: run COMMAND (bounded by ROW_TIMEOUT), its stdout to the terminal and rows/NAME.md,
 # its stderr to rows/NAME.err; append both the command and the stdout to results.md, the status to summary.txt
@@ -86,7 +103,14 @@ row fsdp "$py" -m torch.distributed.run --standalone --nproc_per_node 1 -m bench
 row fsdp-bf16 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 -m benchmarks.bench_fsdp --device "$dev" --dtype bf16 \
     "${fsdp[@]}" --json "$rows/fsdp-bf16.json"
 
-{ echo; echo "total $((SECONDS - start)) s; failed: ${failed[*]:-none}"; } | tee -a "$res/summary.txt"
+{
+    echo
+    for m in smollm2 minilm-random; do  # which models were built from the kit (random weights)
+        f="${LORAKIT_CACHE:-$HOME/.cache/lorakit}/$m/RANDOM_WEIGHTS"
+        [[ -f $f ]] && echo "random weights: $(cat "$f")"
+    done
+    echo "total $((SECONDS - start)) s; failed: ${failed[*]:-none}"
+} | tee -a "$res/summary.txt"
 if [[ -n ${OUT:-} && $res == "$OUT" ]]; then  # a device machine returns at most 8 files: pack the rows
     tar -czf "$res/rows.tar.gz" -C "$res" rows && rm -rf "$rows"
 fi

@@ -123,3 +123,24 @@ def test_rounds_option_is_not_passed_to_children_and_rounds_take_the_median() ->
     runs = [{"median_ms": v, "peak_mib": m, "times_ms": []} for v, m in ((10.0, 300), (30.0, 100), (20.0, 200))]
     assert harness._median_run(runs)["median_ms"] == 20.0 and harness._median_run(runs)["peak_mib"] == 200
     assert harness._median_run([*runs, {"error": "exit 1"}]) == {"error": "exit 1"}
+
+
+def test_models_from_a_kit_have_random_weights(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/gpu_kit.sh's models/ (config + tokenizer): harness.model_from_kit builds and saves the model
+    with random weights, where the model package is missing (a bare GPU machine)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    src = tmp_path / "kit" / "models" / "smollm2"
+    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, tie_word_embeddings=True).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{harness.smollm2_dir()}/{name}", src)
+    monkeypatch.delenv(harness.KIT_ENV, raising=False)
+    assert not harness.model_from_kit("smollm2", tmp_path / "out")
+    monkeypatch.setenv(harness.KIT_ENV, str(tmp_path / "kit"))
+    assert harness.model_from_kit("smollm2", tmp_path / "out")
+    assert (tmp_path / "out" / "RANDOM_WEIGHTS").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.hidden_size == 32 and model.model.layers[0].mlp.up_proj.weight.std() > 0
