@@ -39,6 +39,9 @@ budget=${BUDGET:-540}  # seconds for all rows: a device command may run 600 s
 kit="${GPU_KIT:-runs/gpukit}"
 if [[ -d $kit/site ]] && ! "$py" -c "import bitsandbytes, fastapi, loralib, pydantic, uvicorn" 2>/dev/null; then
     export PYTHONPATH="$PWD/$kit/site${PYTHONPATH:+:$PYTHONPATH}"
+    # the kit's bitsandbytes links the CUDA runtime and cuBLAS: torch's pip-installed copies (nvidia/*/lib)
+    nv=$("$py" -c "import nvidia, os; print(' '.join(sorted({os.path.dirname(os.path.join(r, f)) for d in nvidia.__path__ for r, _, fs in os.walk(d) for f in fs if f.startswith(('libcudart.so', 'libcublas', 'libcusparse.so'))})))" 2>/dev/null || true)
+    for d in $nv; do export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; done
 fi
 [[ -d $kit/models ]] && export LORAKIT_BENCH_KIT="$PWD/$kit"
 if ! "$py" -c "import lorakit" 2>/dev/null; then
@@ -65,7 +68,11 @@ row() {
     fi
     local limit=$((left < ${ROW_TIMEOUT:-300} ? left : ${ROW_TIMEOUT:-300}))
     echo "=== $name (at most $limit s): $*"
-    timeout --kill-after=10 "$limit" "$@" 2>"$rows/$name.err" | tee "$rows/$name.md"
+    if command -v timeout >/dev/null; then
+        timeout --kill-after=10 "$limit" "$@" 2>"$rows/$name.err" | tee "$rows/$name.md"
+    else
+        "$@" 2>"$rows/$name.err" | tee "$rows/$name.md"
+    fi
     rc=${PIPESTATUS[0]}
     { echo "## $name"; echo; echo "    $*"; echo; cat "$rows/$name.md"; echo; } >>"$res/results.md"
     if ((rc == 0)); then
@@ -126,7 +133,12 @@ row adapters "$py" -m benchmarks.bench_adapters "${gpu[@]}" $(j adapters) "$@"
     echo "total $((SECONDS - start)) s; failed: ${failed[*]:-none}; skipped (budget): ${skipped[*]:-none}"
 } | tee -a "$res/summary.txt"
 if [[ -n ${OUT:-} && $res == "$OUT" ]]; then  # a device machine returns at most 8 files: pack the rows
-    tar -czf "$res/rows.tar.gz" -C "$res" rows && rm -rf "$rows"
+    if command -v tar >/dev/null; then
+        tar -czf "$res/rows.tar.gz" -C "$res" rows && rm -rf "$rows"
+    else
+        "$py" -c "import shutil, sys; shutil.make_archive(sys.argv[1], 'gztar', sys.argv[2], 'rows')" "$res/rows" "$res" \
+            && rm -rf "$rows"
+    fi
 fi
 if ((${#failed[@]})); then
     echo "run_gpu.sh: ${#failed[@]} row(s) failed: ${failed[*]} (see $res/summary.txt)" >&2
