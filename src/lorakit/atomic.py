@@ -4,8 +4,8 @@ the old file (or directory) or the new one, never a torn one."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +23,26 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fresh(parent: Path, prefix: str, make: Callable[[Path], Any]) -> Path:
+    """A new unique path ``parent/prefix<random>`` created by ``make`` (which must fail if it exists).
+
+    Unlike ``tempfile.mkstemp`` / ``mkdtemp`` (modes 0600 / 0700), ``make`` creates it with the mode the
+    process's umask gives, so the renamed result has the permissions of a file written in place.
+    """
+    for _ in range(100):
+        cand = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            make(cand)
+        except FileExistsError:
+            continue
+        return cand
+    raise FileExistsError(f"no free temporary name {prefix}* in {parent}")
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 def output_problem(path: str | os.PathLike[str], kind: str) -> str | None:
@@ -60,8 +80,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], 
     """
     p = check_output(path, "file")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
-    os.close(fd)
+    tmp = _fresh(p.parent, f".{p.name}.tmp-", _new_file)
     try:
         with open(tmp, mode) as fh:
             write(fh)
@@ -82,7 +101,7 @@ def atomic_dir(final: str | os.PathLike[str], fill: Callable[[Path], Any]) -> No
     """
     final = check_output(final, "directory")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = _fresh(final.parent, f".{final.name}.tmp-", lambda d: d.mkdir(0o777))
     old = None
     try:
         fill(tmp)
