@@ -75,7 +75,9 @@ def plan_updates(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], keys: se
     """``{base key: (A, B, scale)}`` for the adapted weights and ``{base key: tensor}`` for saved heads.
 
     Adapter module names are matched to base keys as they are or without the model's leading prefix
-    (a ``bert.``-less base checkpoint); an unmatched name is an error naming it.
+    (a ``bert.``-less base checkpoint); an unmatched LoRA module is an error naming it. A head the base
+    checkpoint lacks (the task's new ``classifier`` on an encoder's bare checkpoint, as the ``minilm``
+    preset's) is added under its model name, where ``from_pretrained`` of the task's class finds it.
     """
     def base_key(name: str) -> str:
         for cand in (name, name.partition(".")[2]):
@@ -92,8 +94,9 @@ def plan_updates(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], keys: se
             lora.setdefault(m.group(1), {})[m.group(2)] = t
         elif "lora_embedding" in name:
             raise TrainConfigError("--max-shard-size: embedding adapters are not supported by the streamed export")
-        else:
-            heads[base_key(name.replace(".modules_to_save.default", ""))] = t
+        else:  # a trained head: replaces the base's tensor, or is new (a task head the base lacks)
+            head = name.replace(".modules_to_save.default", "")
+            heads[base_key(head) if head.partition(".")[2] in keys or head in keys else head] = t
     updates = {}
     for module, ab in lora.items():
         A, B = ab["lora_A"], ab["lora_B"]
@@ -120,6 +123,7 @@ def export(model_dir: Path, adapter: Path, out: Path, max_shard_size: int, confi
         with safe_open(str(f), "pt") as fh:
             owner.update({k: f for k in fh.keys()})
     updates, heads = plan_updates(cfg, tensors, set(owner))
+    new_heads = [k for k in heads if k not in owner]
     fifo = bool(cfg.get("fan_in_fan_out"))
     if out.exists() and not overwrite:
         raise TrainConfigError(f"--output: {out} exists; pass --overwrite to replace it")
@@ -127,10 +131,13 @@ def export(model_dir: Path, adapter: Path, out: Path, max_shard_size: int, confi
     def fill(tmp: Path) -> None:
         shards: list[list[str]] = [[]]
         size = 0
-        for key in owner:  # first pass: the shard layout, by byte size, in the checkpoint's order
-            with safe_open(str(owner[key]), "pt") as fh:
-                sl = fh.get_slice(key)
-                nbytes = math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
+        for key in [*owner, *new_heads]:  # first pass: the shard layout, by byte size, in the checkpoint's order
+            if key in owner:
+                with safe_open(str(owner[key]), "pt") as fh:
+                    sl = fh.get_slice(key)
+                    nbytes = math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
+            else:
+                nbytes = heads[key].numel() * heads[key].element_size()
             if shards[-1] and size + nbytes > max_shard_size:
                 shards.append([])
                 size = 0
@@ -142,6 +149,11 @@ def export(model_dir: Path, adapter: Path, out: Path, max_shard_size: int, confi
             name = f"model-{i:05d}-of-{n:05d}.safetensors"
             part: dict[str, torch.Tensor] = {}
             for key in keys:
+                if key not in owner:  # a new head, in the adapter's dtype
+                    part[key] = heads[key].contiguous()
+                    weight_map[key] = name
+                    total += heads[key].numel() * heads[key].element_size()
+                    continue
                 with safe_open(str(owner[key]), "pt") as fh:
                     t = fh.get_tensor(key)
                 if key in updates:
