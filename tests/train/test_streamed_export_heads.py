@@ -69,3 +69,17 @@ def test_unmatched_lora_module_is_still_refused(tmp_path: Path) -> None:
     save_file(t, str(adapter / "adapter_model.safetensors"))
     with pytest.raises(TrainConfigError, match="nope"):
         export(tmp_path / "base", adapter, tmp_path / "merged", max_shard_size=10_000, config_updates={})
+
+
+def test_trained_head_of_a_tied_output_is_refused(tmp_path: Path) -> None:
+    """A new ``lm_head`` on a base whose config ties it to the embeddings would be re-tied (dropped) by
+    ``from_pretrained``: refused, naming it, rather than written."""
+    from safetensors.torch import load_file, save_file
+
+    _, adapter = _trained(tmp_path)
+    t = load_file(str(adapter / "adapter_model.safetensors"))
+    t["base_model.model.lm_head.weight"] = torch.zeros(64, 16)
+    save_file(t, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(TrainConfigError, match="lm_head"):
+        export(tmp_path / "base", adapter, tmp_path / "merged", max_shard_size=10_000, config_updates={})
+    assert not (tmp_path / "merged").exists()

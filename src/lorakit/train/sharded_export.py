@@ -124,6 +124,11 @@ def export(model_dir: Path, adapter: Path, out: Path, max_shard_size: int, confi
             owner.update({k: f for k in fh.keys()})
     updates, heads = plan_updates(cfg, tensors, set(owner))
     new_heads = [k for k in heads if k not in owner]
+    tied = [k for k in new_heads if k.rsplit(".", 2)[-2:-1] == ["lm_head"]]
+    if tied and json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", True):
+        raise TrainConfigError(f"--adapter: trains {tied[0]!r}, which the base checkpoint lacks because its config "
+                               "ties it to the input embeddings (from_pretrained would drop the trained head); "
+                               "merge without --max-shard-size")
     fifo = bool(cfg.get("fan_in_fan_out"))
     if out.exists() and not overwrite:
         raise TrainConfigError(f"--output: {out} exists; pass --overwrite to replace it")
