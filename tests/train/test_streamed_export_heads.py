@@ -83,3 +83,15 @@ def test_trained_head_of_a_tied_output_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TrainConfigError, match="lm_head"):
         export(tmp_path / "base", adapter, tmp_path / "merged", max_shard_size=10_000, config_updates={})
     assert not (tmp_path / "merged").exists()
+
+
+def test_lora_a_without_b_is_a_typed_error(tmp_path: Path) -> None:
+    """A module with ``lora_A`` and no ``lora_B`` (a truncated file): a TrainConfigError naming it, not KeyError."""
+    from safetensors.torch import load_file, save_file
+
+    _, adapter = _trained(tmp_path)
+    t = load_file(str(adapter / "adapter_model.safetensors"))
+    del t[next(k for k in t if ".0.attention.self.query.lora_B" in k)]
+    save_file(t, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(TrainConfigError, match=r"layer\.0\.attention\.self\.query.*lora_B"):
+        export(tmp_path / "base", adapter, tmp_path / "merged", max_shard_size=10_000, config_updates={})

@@ -99,6 +99,9 @@ def plan_updates(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], keys: se
             heads[base_key(head) if head.partition(".")[2] in keys or head in keys else head] = t
     updates = {}
     for module, ab in lora.items():
+        if len(ab) != 2:
+            raise TrainConfigError(f"--adapter: {module!r} has {sorted(ab)} but not "
+                                   f"{sorted({'lora_A', 'lora_B'} - set(ab))}: the adapter file is incomplete")
         A, B = ab["lora_A"], ab["lora_B"]
         updates[base_key(module + ".weight")] = (A, B, _scale(cfg, module, A.shape[0]))
     return updates, heads
