@@ -53,7 +53,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     in fp32 and rounded once into ``dtype``. A quantized base always gives plain float layers this
     way (W0 dequantized exactly; default dtype: the one it was quantized from) and its remaining
     quantized layers are dequantized too. Variants (DoRA, LoRA bias) merge with their own arithmetic
-    before that one rounding (:func:`lorakit.quant.merging.merged_plain`).
+    before that one rounding (:func:`lorakit.quant.merging.merged_plain`). With ``dtype`` the whole
+    returned model is in ``dtype`` (the other float parameters and buffers cast as ``Module.to`` does), so
+    it runs as it is; without it every non-adapted tensor keeps its dtype.
     """
     from .errors import ArgumentTypeError
     from .quant import merging as QM
@@ -81,4 +83,6 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         QM.dequantize_rest(model, dtype)
     _bake_tokens(model)  # trainable tokens: the rows into the weights, hooks removed
     forget_injection(model)
+    if dtype is not None:  # the merged layers are dtype already (no second rounding): the rest follows
+        model.to(dtype)
     return model

@@ -138,6 +138,32 @@ def test_merge_and_unload_rounds_the_exact_sum_once(toy: Toy, dtype: torch.dtype
         lorakit.merge_and_unload(_adapted(toy), dtype=torch.int8)
 
 
+@pytest.mark.parametrize("quantized", [True, False])
+def test_merge_and_unload_dtype_gives_a_model_of_that_dtype(toy: Toy, quantized: bool) -> None:
+    """dtype= casts the rest too (embedding, head): the returned model runs in bf16 as it is, its merged
+    layers still the exact sum rounded once, every other tensor its fp32 value rounded once."""
+    if quantized:
+        m = _adapted(toy)
+    else:
+        m = copy.deepcopy(toy)
+        lorakit.inject(m, lorakit.LoraConfig(r=4, alpha=8, targets=TARGETS))
+        for _, layer in lorakit.lora_layers(m):
+            nn.init.normal_(layer.lora_B, std=0.05)
+    exact = {}
+    for t in TARGETS:
+        layer = getattr(m, t)
+        w0 = reference_dequantize(layer.quant_base) if quantized else layer.weight
+        exact[t] = (w0 + layer.scaling * (layer.lora_B @ layer.lora_A)).detach().to(torch.bfloat16)
+    emb, head = m.emb.weight.detach().clone(), m.lm_head.weight.detach().clone()
+    plain = lorakit.merge_and_unload(m, dtype=torch.bfloat16)
+    assert_merged_once(plain, exact, torch.bfloat16)
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    assert torch.equal(plain.emb.weight, emb.to(torch.bfloat16))
+    assert torch.equal(plain.lm_head.weight, head.to(torch.bfloat16))
+    out = plain(torch.randint(0, 48, (2, 8)))  # raised "mat1 and mat2 must have the same dtype" before
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def _merge_error(w_merged: torch.Tensor, exact: torch.Tensor) -> float:
     return ((w_merged - exact).norm() / exact.norm()).item()
 
