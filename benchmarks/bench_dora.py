@@ -24,8 +24,8 @@ import argparse
 
 import torch
 
-from benchmarks.harness import Measured, amp, device_of, dtype_of, main, time_it, trainable, variants
-from benchmarks.models import SMOL_TARGETS, apply_variant, load
+from benchmarks.harness import Measured, device_of, dtype_of, main, time_it, trainable, variants
+from benchmarks.models import SMOL_TARGETS, apply_variant, load, step_of
 
 R, ALPHA, DROPOUT, BATCH, SEQ = 16, 32, 0.05, 4, 128
 NAMES = ("lorakit", "lorakit-dora", "lorakit-dora-peft", "peft-dora", "lorakit-nf4", "lorakit-dora-nf4",
@@ -48,19 +48,7 @@ def _run(args: argparse.Namespace, variant: str) -> Measured:
     batch, seq = (2, 16) if args.smoke else (args.batch or BATCH, SEQ)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
     params = trainable(model)
-    dora = "dora" in variant
-
-    def step() -> None:
-        if dora:  # as after an optimizer update: A and B change, so DoRA's norm is recomputed
-            with torch.no_grad():
-                for p in params:
-                    p.add_(0)
-        with amp(args):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        for p in params:
-            p.grad = None
-
+    step = step_of(model, ids, ids, params, args, touch="dora" in variant)
     res = time_it(step, args.reps, args.warmup)
     res.extra = {"shape": f"{batch}x{seq}", "trainable": sum(p.numel() for p in params)}
     return res

@@ -74,10 +74,17 @@ def train_step(name: str, variant: str, args: argparse.Namespace, targets: Seque
         emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     labels = ids if name == "smollm2" else torch.randint(0, 2, (batch,), device=dev)
 
-    dora = variant.startswith("lorakit-dora")
+    return step_of(model, ids, labels, params, args, touch=variant.startswith("lorakit-dora"))
+
+
+def step_of(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, params: list[nn.Parameter],
+            args: argparse.Namespace, touch: bool) -> Callable[[], None]:
+    """The timed step: forward under ``args``' autocast, loss, backward, grads dropped. ``touch``: the
+    trainables are bumped in place first, as after an optimizer update (DoRA's cached norm is then
+    recomputed every step, as PEFT's is)."""
 
     def step() -> None:
-        if dora:  # as after an optimizer update: A and B change, so DoRA's cached norm is recomputed
+        if touch:
             with torch.no_grad():
                 for p in params:
                     p.add_(0)
